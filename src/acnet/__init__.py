@@ -1,8 +1,31 @@
 """acnet: Asymmetric Convolution Blocks (ACNet, Ding et al., ICCV 2019) for any PyTorch CNN."""
 
 from .block import ACBlock
+from .convert import AbsorbedBatchNorm, ConversionReport, convert, deploy
 from .fusion import embed_kernel, fold_bn
+from .io import load_checkpoint, load_deployed, save_checkpoint, save_deployed
 
 __version__ = "0.1.0"
 
-__all__ = ["ACBlock", "fold_bn", "embed_kernel", "__version__"]
+__all__ = [
+    "ACBlock",
+    "AbsorbedBatchNorm",
+    "ConversionReport",
+    "convert",
+    "deploy",
+    "embed_kernel",
+    "export_onnx",
+    "fold_bn",
+    "load_checkpoint",
+    "load_deployed",
+    "save_checkpoint",
+    "save_deployed",
+    "__version__",
+]
+
+
+def export_onnx(*args, **kwargs):
+    """Deploy, export to ONNX and check it with onnxruntime (see :func:`acnet.export.export_onnx`)."""
+    from .export import export_onnx as _export
+
+    return _export(*args, **kwargs)

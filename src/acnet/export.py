@@ -1,0 +1,67 @@
+"""ONNX export of a deployed model, checked with onnx.checker and onnxruntime."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .block import ACBlock
+
+__all__ = ["export_onnx", "ExportMismatchError"]
+
+
+class ExportMismatchError(RuntimeError):
+    """onnxruntime's output differs from PyTorch's beyond the tolerance."""
+
+
+def _require():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:
+        raise ImportError(
+            "ONNX export needs the 'export' extra: pip install 'acnet[export]'") from exc
+    return onnx, onnxruntime
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...], *,
+                opset: int = 17, rtol: float = 1e-4, dynamic_batch: bool = True,
+                seed: int = 0) -> float:
+    """Deploy ``model`` (if it has ACBlocks), export it to ONNX, check it, compare onnxruntime.
+
+    Returns the measured relative max error of onnxruntime against PyTorch on a random input;
+    raises :class:`ExportMismatchError` when it exceeds ``rtol``.
+    """
+    onnx, ort = _require()
+    from .convert import deploy
+
+    if not (isinstance(input_shape, (tuple, list)) and len(input_shape) == 4
+            and all(isinstance(v, int) and v > 0 for v in input_shape)):
+        raise ValueError(f"input_shape must be (N, C, H, W) of positive ints, got {input_shape!r}")
+    if any(isinstance(m, ACBlock) for m in model.modules()):
+        model = deploy(model)
+    model = model.eval()
+    ref = next(model.parameters(), torch.empty(0))
+    x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(seed)).to(
+        device=ref.device, dtype=ref.dtype)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dynamic_axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+        expected = model(x)
+        torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["output"],
+                          opset_version=opset, dynamic_axes=dynamic_axes, dynamo=False)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"input": x.detach().cpu().float().numpy()})[0])
+    exp = expected.detach().cpu().float()
+    err = ((got - exp).abs().max() / exp.abs().max().clamp_min(1e-12)).item()
+    if not err <= rtol:
+        raise ExportMismatchError(
+            f"onnxruntime differs from PyTorch: relative max error {err:.3g} > {rtol:g} ({path})")
+    return err

@@ -1,0 +1,48 @@
+"""The whole torchvision classification zoo: convert == original, deploy == trained, stock loads.
+
+A representative set runs by default; every builder runs with ``-m slow``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torchvision = pytest.importorskip("torchvision")
+from zoo import round_trip  # noqa: E402
+
+FAST = ["resnet18", "alexnet", "densenet121", "squeezenet1_1", "googlenet", "inception_v3",
+        "mobilenet_v3_small", "shufflenet_v2_x0_5", "regnet_y_400mf", "efficientnet_b0",
+        "mnasnet0_5", "convnext_tiny", "vgg11_bn", "resnext50_32x4d"]
+ALL = torchvision.models.list_models(module=torchvision.models)
+# models without any eligible conv (transformers with a patchify stem): convert is a no-op
+NOTHING_TO_CONVERT = ("vit_", "swin_")
+
+
+def _check(name: str) -> None:
+    r = round_trip(name)
+    if name.startswith(NOTHING_TO_CONVERT):
+        assert r["converted"] == 0
+    else:
+        assert r["converted"] > 0
+    assert r["err_convert"] <= 1e-4, r  # float32, the original's own arithmetic
+    assert r["err_deploy"] <= 1e-10, r  # float64: the fusion is exact
+    if r["bias_added"]:
+        assert name.startswith("densenet"), r  # pre-activation: convs with neither bias nor BN
+    else:
+        assert r["params_equal"] and r["err_stock"] <= 1e-10, r
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_zoo_fast(name):
+    _check(name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", [n for n in ALL if n not in FAST])
+def test_zoo_all(name):
+    _check(name)
+
+
+def test_fast_list_is_in_the_zoo():
+    assert set(FAST) <= set(ALL)

@@ -1,0 +1,70 @@
+"""The torchvision-zoo round trip used by tests: convert → equal → train → deploy → stock load."""
+
+from __future__ import annotations
+
+import torch
+from conftest import randomize_bn, rel_err
+
+import acnet
+
+# input sizes that each family needs (the rest run at 64x64)
+INPUT = {"inception_v3": 96, "googlenet": 64}
+FIXED_224 = ("vit_", "swin_", "maxvit_")
+
+
+def input_size(name: str) -> int:
+    if name.startswith(FIXED_224):
+        return 224
+    return INPUT.get(name, 64)
+
+
+def logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def round_trip(name: str, seed: int = 0, steps: int = 2) -> dict:
+    import torchvision
+
+    torch.manual_seed(seed)
+    kwargs = {"num_classes": 10}
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=False)
+    model = torchvision.models.get_model(name, **kwargs)
+    randomize_bn(model, seed)
+    model.eval()
+    s = input_size(name)
+    x = torch.randn(2, 3, s, s)
+    conv = acnet.convert(model)
+    report = conv.acnet_report
+    with torch.no_grad():
+        err_convert = rel_err(logits(conv(x)), logits(model(x)))
+    # train a few steps so every branch (zero-initialised asymmetric BNs) carries weight
+    conv.train()
+    opt = torch.optim.SGD(conv.parameters(), lr=1e-3, momentum=0.9)
+    target = torch.tensor([1, 7])
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(logits(conv(torch.randn(2, 3, s, s))), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    randomize_bn(conv, seed + 1)  # realistic statistics everywhere, asymmetric branches included
+    # exactness is checked in float64, where a deep random net's fp32 rounding cannot hide a bug
+    conv.eval().double()
+    x = x.double()
+    model.double()
+    dep = acnet.deploy(conv)
+    with torch.no_grad():
+        y = logits(conv(x))
+        err_deploy = rel_err(logits(dep(x)), y)
+    stock = torchvision.models.get_model(name, **kwargs).eval().double()
+    added = dep.acnet_report.names("bias-added")
+    result = {"converted": len(report.converted), "err_convert": err_convert,
+              "err_deploy": err_deploy, "bias_added": added, "err_stock": None,
+              "params_equal": None}
+    if not added:
+        stock.load_state_dict(dep.state_dict(), strict=True)
+        with torch.no_grad():
+            result["err_stock"] = rel_err(logits(stock(x)), y)
+        n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        result["params_equal"] = n(stock) == n(dep)
+    return result
