@@ -297,7 +297,7 @@ def convert(
     order = {n: i for i, n in enumerate(modules)}
     report.layers.sort(key=lambda r: order.get(r.name, len(order)))
     model.acnet_report = report
-    log.info("%s", report)
+    log.debug("%s", report)
     return model
 
 
@@ -364,7 +364,7 @@ def deploy(model: nn.Module, *, inplace: bool = False, fold_bn: bool = False) ->
     if fold_bn:
         _fold_plain_pairs(model, report)
     model.acnet_report = report
-    log.info("%s", report)
+    log.debug("%s", report)
     return model
 
 

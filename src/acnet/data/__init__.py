@@ -1,0 +1,7 @@
+"""Datasets and loaders."""
+
+from .datasets import DATASETS, DatasetNotFoundError, ImageData, load_dataset, synthetic
+from .loader import TRANSFORMS, InMemoryLoader, apply_transform
+
+__all__ = ["DATASETS", "DatasetNotFoundError", "ImageData", "InMemoryLoader", "TRANSFORMS",
+           "apply_transform", "load_dataset", "synthetic"]

@@ -1,0 +1,76 @@
+"""Model registry: the paper's CIFAR nets, plus ``tv:NAME`` (torchvision) and ``timm:NAME``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from . import cifar
+
+__all__ = ["MODELS", "build_model", "model_names"]
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "cifar_quick": cifar.cifar_quick,
+    "vgg16": cifar.vgg16,
+    "resnet20": cifar.resnet20,
+    "resnet56": cifar.resnet56,
+    "resnet110": cifar.resnet110,
+    "wrn16_8": cifar.wrn16_8,
+    "densenet40": cifar.densenet40,
+}
+
+
+def model_names() -> list[str]:
+    """The built-in names (``tv:NAME`` and ``timm:NAME`` are resolved on demand)."""
+    return sorted(MODELS)
+
+
+def _first_conv_to(model: nn.Module, in_channels: int) -> nn.Module:
+    """Rebuild the model's first conv for ``in_channels`` inputs (e.g. 1 for Fashion-MNIST)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            if m.in_channels == in_channels:
+                return model
+            if m.groups != 1:
+                raise ValueError(f"cannot adapt grouped first conv {name} to {in_channels} inputs")
+            new = nn.Conv2d(in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                            m.dilation, 1, m.bias is not None, m.padding_mode)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+            return model
+    return model
+
+
+def build_model(name: str, *, in_channels: int = 3, num_classes: int = 10) -> nn.Module:
+    """Build a model by name; raises ValueError for an unknown one."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    if name in MODELS:
+        return MODELS[name](in_channels=in_channels, num_classes=num_classes)
+    if name.startswith("tv:"):
+        try:
+            import torchvision
+        except ImportError as exc:
+            raise ImportError("tv: models need torchvision: pip install 'acnet[vision]'") from exc
+        tv_name = name[3:]
+        available = torchvision.models.list_models(module=torchvision.models)
+        if tv_name not in available:
+            raise ValueError(f"unknown torchvision classification model {tv_name!r}; "
+                             f"e.g. {', '.join(available[:6])}, ...")
+        kwargs = {"num_classes": num_classes, "weights": None}
+        if tv_name in ("googlenet", "inception_v3"):
+            kwargs.update(aux_logits=False, init_weights=True)
+        return _first_conv_to(torchvision.models.get_model(tv_name, **kwargs), in_channels)
+    if name.startswith("timm:"):
+        try:
+            import timm
+        except ImportError as exc:
+            raise ImportError("timm: models need timm: pip install timm") from exc
+        timm_name = name[5:]
+        if not timm.is_model(timm_name):
+            raise ValueError(f"unknown timm model {timm_name!r}")
+        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes,
+                                 in_chans=in_channels)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}, "
+                     f"tv:NAME (torchvision) or timm:NAME")

@@ -1,0 +1,156 @@
+"""Training configuration: a plain dataclass, per-model presets, JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+__all__ = ["TrainConfig", "PRESETS", "resolve", "build_training_model", "build_base_model",
+           "load_config"]
+
+# The official ACNet repo's CIFAR settings: batch 128, cosine, lr 0.1 (0.2 for ResNet-56),
+# weight decay 1e-4 (5e-4 for WRN-16-8), gamma_init 1/3 for the ACB branches.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cifar_quick": {"epochs": 150, "lr": 0.1, "weight_decay": 1e-4},
+    "vgg16": {"epochs": 400, "lr": 0.1, "weight_decay": 1e-4},
+    "resnet20": {"epochs": 400, "lr": 0.1, "weight_decay": 1e-4},
+    "resnet56": {"epochs": 400, "lr": 0.2, "weight_decay": 1e-4},
+    "resnet110": {"epochs": 400, "lr": 0.1, "weight_decay": 1e-4},
+    "wrn16_8": {"epochs": 400, "lr": 0.1, "weight_decay": 5e-4},
+    "densenet40": {"epochs": 400, "lr": 0.1, "weight_decay": 1e-4},
+}
+_DEFAULT = {"epochs": 90, "lr": 0.1, "weight_decay": 1e-4}
+
+# fields that may differ between a run and its --resume (they do not change the result on CPU)
+RUNTIME_FIELDS = {"device", "quiet", "workers", "data_dir", "download"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; ``None`` fields are filled from the presets."""
+
+    model: str = "resnet20"
+    dataset: str = "fashion-mnist"
+    block: str = "acb"
+    epochs: int | None = None
+    batch_size: int = 128
+    lr: float | None = None
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float | None = None
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    train_limit: int | None = None
+    test_limit: int | None = None
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    horizontal: bool = True
+    vertical: bool = True
+    branch_bn: bool = True
+    position: str = "center"
+    gamma_init: float | None = None
+    sync_bn: bool = False
+    data_dir: str | None = None
+    download: bool = False
+    workers: int = 4
+    image_size: int = 224
+    quiet: bool = False
+    # filled from the dataset at run time, so the model can be rebuilt from config.json alone
+    in_channels: int | None = None
+    num_classes: int | None = None
+    input_size: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown config field(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+def _check(cfg: TrainConfig) -> None:
+    def positive_int(name):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+
+    for name in ("epochs", "batch_size"):
+        positive_int(name)
+    for name in ("train_limit", "test_limit"):
+        if getattr(cfg, name) is not None:
+            positive_int(name)
+    if cfg.block not in ("acb", "base"):
+        raise ValueError(f"--block must be 'acb' or 'base', got {cfg.block!r}")
+    if cfg.position not in ("center", "corner"):
+        raise ValueError(f"--position must be 'center' or 'corner', got {cfg.position!r}")
+    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
+    if not cfg.weight_decay >= 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise ValueError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if cfg.warmup_epochs < 0 or (cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs):
+        raise ValueError(f"--warmup-epochs must be in [0, epochs), got {cfg.warmup_epochs}")
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill preset values and validate; returns a new config."""
+    preset = PRESETS.get(cfg.model, _DEFAULT)
+    values = dataclasses.asdict(cfg)
+    for key in ("epochs", "lr", "weight_decay"):
+        if values[key] is None:
+            values[key] = preset[key]
+    if values["gamma_init"] is None and cfg.block == "acb" and cfg.branch_bn:
+        values["gamma_init"] = 1 / 3
+    out = TrainConfig.from_dict(values)
+    _check(out)
+    return out
+
+
+def build_base_model(cfg: TrainConfig) -> nn.Module:
+    """The deployable architecture (the model as built, before any ACB conversion)."""
+    from ..models import build_model
+
+    if cfg.in_channels is None or cfg.num_classes is None:
+        raise ValueError("config lacks in_channels/num_classes (not a finished acnet run config)")
+    return build_model(cfg.model, in_channels=cfg.in_channels, num_classes=cfg.num_classes)
+
+
+def build_training_model(cfg: TrainConfig) -> nn.Module:
+    """The model as trained: the base model, converted to ACNet for ``block='acb'``."""
+    from ..convert import convert
+
+    model = build_base_model(cfg)
+    if cfg.block == "acb":
+        opts: dict[str, Any] = {"horizontal": cfg.horizontal, "vertical": cfg.vertical,
+                                "branch_bn": cfg.branch_bn, "position": cfg.position}
+        if cfg.gamma_init is not None:
+            opts["gamma_init"] = cfg.gamma_init
+        model = convert(model, preserve=False, inplace=True, **opts)
+    return model
+
+
+def load_config(run_dir: str | Path) -> TrainConfig:
+    """Read ``run_dir/config.json``."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not an acnet run directory (no config.json)")
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"{path} is not a valid acnet config ({exc})") from exc
