@@ -37,3 +37,42 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Max absolute difference relative to the larger output magnitude."""
     a, b = a.double(), b.double()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def calibrate_bn(model: nn.Module, make_input, seed: int = 0, batches: int = 2) -> nn.Module:
+    """Random moderate affine parameters, then running statistics measured on data.
+
+    Unlike :func:`randomize_bn`, activations stay normalized in very deep nets, so the outputs
+    are not degenerate (saturated or constant) and every branch contributes.
+    """
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = []
+    with torch.no_grad():
+        for m in bns:
+            if m.affine:
+                m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            if m.track_running_stats:
+                m.reset_running_stats()
+            saved.append(m.momentum)
+            m.momentum = None  # cumulative average over the calibration batches
+    was = model.training
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(make_input())
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.train(was)
+    return model
+
+
+def branchwise(model: nn.Module) -> nn.Module:
+    """Make every ACBlock of ``model`` evaluate its branches one by one (no fused fast path)."""
+    from acnet import ACBlock
+
+    for m in model.modules():
+        if isinstance(m, ACBlock):
+            m.fast_eval = False
+    return model

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acnet.fusion import branch_offsets, bn_identity_params, embed_kernel, fold_bn
+from acnet.fusion import bn_identity_params, branch_offsets, embed_kernel, fold_bn
 
 
 @pytest.mark.parametrize("affine", [True, False])

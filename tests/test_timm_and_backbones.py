@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_bn, rel_err
+from conftest import branchwise, randomize_bn, rel_err
 
 import acnet
 from acnet import ACBlock
@@ -33,7 +33,7 @@ def test_timm_models(name):
     assert rel_err(ac.eval()(x), model(x)) <= 1e-4
     _train_steps(ac, torch.randn(2, 3, 64, 64))
     randomize_bn(ac, 1)
-    ac.eval().double()
+    branchwise(ac).eval().double()
     x = x.double()
     dep = acnet.deploy(ac)
     rep = timm.utils.reparameterize_model(ac)
@@ -76,7 +76,7 @@ def test_segmentation_backbone(builder):
     assert rel_err(ac.eval()(x)["out"], model(x)["out"]) <= 1e-4
     _train_steps(ac, torch.randn(2, 3, 64, 64), out_key="out")
     randomize_bn(ac, 1)
-    ac.eval().double()
+    branchwise(ac).eval().double()
     dep = acnet.deploy(ac)
     x = x.double()
     y = ac(x)["out"]

@@ -117,7 +117,8 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(tmp_path):
     assert ma["test_acc"] == mb["test_acc"]
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] \
         == [1, 2, 3, 4]
-    assert (ref / "deployed.safetensors").read_bytes() == (run / "deployed.safetensors").read_bytes()
+    deployed = "deployed.safetensors"
+    assert (ref / deployed).read_bytes() == (run / deployed).read_bytes()
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):

@@ -25,7 +25,7 @@ __all__ = [
 
 
 def export_onnx(*args, **kwargs):
-    """Deploy, export to ONNX and check it with onnxruntime (see :func:`acnet.export.export_onnx`)."""
+    """Deploy, export to ONNX, check with onnxruntime (see :func:`acnet.export.export_onnx`)."""
     from .export import export_onnx as _export
 
     return _export(*args, **kwargs)

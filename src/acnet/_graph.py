@@ -17,7 +17,7 @@ __all__ = ["ConvUse", "analyze_convs", "is_norm", "is_bn_act", "absorbable_bn"]
 
 
 def is_norm(m: nn.Module) -> bool:
-    """A normalization layer (torch's, or a third-party one named like one, e.g. FrozenBatchNorm2d)."""
+    """A normalization layer: torch's, or one named like it (e.g. FrozenBatchNorm2d)."""
     if isinstance(m, nn.modules.batchnorm._NormBase):
         return True
     name = type(m).__name__
@@ -121,7 +121,8 @@ def analyze_convs(model: nn.Module, names: set[str]) -> _Analysis:
             use.skip = f"module is called {calls[node.target]} times in forward"
             continue
         if len(users) > 1:
-            norms = [u.target for u in users if u.op == "call_module" and is_norm(modules[u.target])]
+            norms = [u.target for u in users
+                     if u.op == "call_module" and is_norm(modules[u.target])]
             if norms:
                 use.skip = f"its output goes to {norms[0]} and elsewhere ({len(users)} uses)"
             continue

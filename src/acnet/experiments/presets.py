@@ -1,0 +1,100 @@
+"""The run matrices of `acnet reproduce`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["StudyPreset", "STUDY_PRESETS", "RunSpec", "runs_of"]
+
+
+@dataclass
+class StudyPreset:
+    """A study: which models and seeds, how long, on what data, and which analyses."""
+
+    name: str
+    dataset: str
+    models: tuple[str, ...]
+    seeds: tuple[int, ...]
+    ablation_model: str
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides for every run
+    per_model: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ratios: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    draws: int = 3
+    analysis_test_limit: int | None = None
+    description: str = ""
+
+
+STUDY_PRESETS: dict[str, StudyPreset] = {
+    "quick": StudyPreset(
+        "quick", "fashion-mnist", ("cifar_quick",), (0, 1), "cifar_quick",
+        train={"epochs": 2, "train_limit": 8000, "test_limit": 2000, "lr": 0.05},
+        ratios=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), draws=2, analysis_test_limit=1000,
+        description="a few minutes on 2 CPU cores: Cifar-quick on 8k Fashion-MNIST images, "
+                    "2 epochs, 2 seeds; shows the pipeline, not the paper's effect sizes"),
+    "cpu": StudyPreset(
+        "cpu", "fashion-mnist", ("cifar_quick", "resnet20", "densenet40"), (0, 1, 2),
+        "cifar_quick",
+        train={"lr": 0.05},
+        per_model={"cifar_quick": {"epochs": 5, "train_limit": 20000},
+                   "resnet20": {"epochs": 4, "train_limit": 12000},
+                   "densenet40": {"epochs": 3, "train_limit": 3000}},
+        draws=3, analysis_test_limit=5000,
+        description="about an hour on 2 CPU cores: three of the paper's architectures on "
+                    "Fashion-MNIST subsets, short cosine schedules, 3 seeds"),
+    "paper-cifar10": StudyPreset(
+        "paper-cifar10", "cifar10", ("cifar_quick", "vgg16", "resnet56", "wrn16_8",
+                                     "densenet40"), (0, 1, 2), "resnet56",
+        description="the paper's CIFAR-10 models with the official settings (GPU)"),
+    "paper-cifar100": StudyPreset(
+        "paper-cifar100", "cifar100", ("cifar_quick", "vgg16", "resnet56", "wrn16_8",
+                                       "densenet40"), (0, 1, 2), "resnet56",
+        description="the paper's CIFAR-100 models with the official settings (GPU)"),
+    "imagenet-resnet18": StudyPreset(
+        "imagenet-resnet18", "imagenet", ("tv:resnet18",), (0,), "tv:resnet18",
+        train={"epochs": 90, "batch_size": 256, "lr": 0.1, "weight_decay": 1e-4,
+               "warmup_epochs": 5, "workers": 8},
+        draws=1,
+        description="torchvision ResNet-18 on ImageNet, 90 epochs (multi-GPU via torchrun)"),
+}
+
+ABLATION = {  # label -> TrainConfig overrides (the paper's Table 4 rows, plus the corner variant)
+    "base": {"block": "base"},
+    "+horizontal": {"block": "acb", "vertical": False},
+    "+vertical": {"block": "acb", "horizontal": False},
+    "+both, no branch BN": {"block": "acb", "branch_bn": False},
+    "+both, branch BN (ACNet)": {"block": "acb"},
+    "corner ACNet": {"block": "acb", "position": "corner"},
+}
+
+
+@dataclass
+class RunSpec:
+    """One `acnet train` run of a study."""
+
+    name: str
+    model: str
+    seed: int
+    label: str
+    config: dict[str, Any]
+
+
+def _slug(label: str) -> str:
+    return {"base": "base", "+horizontal": "hor", "+vertical": "ver",
+            "+both, no branch BN": "nobn", "+both, branch BN (ACNet)": "acb",
+            "corner ACNet": "corner"}[label]
+
+
+def runs_of(preset: StudyPreset) -> list[RunSpec]:
+    """Every run of the preset: models × {base, acb} × seeds, plus the ablation variants."""
+    runs: dict[str, RunSpec] = {}
+    for model in preset.models:
+        labels = (list(ABLATION) if model == preset.ablation_model
+                  else ["base", "+both, branch BN (ACNet)"])
+        for seed in preset.seeds:
+            for label in labels:
+                cfg = {"model": model, "dataset": preset.dataset, "seed": seed, "quiet": True,
+                       **preset.train, **preset.per_model.get(model, {}), **ABLATION[label]}
+                name = f"{model.replace(':', '_')}-{_slug(label)}-s{seed}"
+                runs[name] = RunSpec(name, model, seed, label, cfg)
+    return list(runs.values())

@@ -1,0 +1,172 @@
+"""The studies' maths on hand-built kernels (known answers), reproduce end to end, the bench."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import acnet
+from acnet.analysis import kernel_magnitude, pattern_mask, sparsify
+from acnet.analysis.cost import count_macs
+
+
+def _net_with_kernels(*kernels: torch.Tensor) -> nn.Sequential:
+    layers = []
+    for k in kernels:
+        conv = nn.Conv2d(k.shape[1], k.shape[0], k.shape[-1], padding=k.shape[-1] // 2, bias=False)
+        with torch.no_grad():
+            conv.weight.copy_(k)
+        layers.append(conv)
+    return nn.Sequential(*layers)
+
+
+def test_kernel_magnitude_known_answer():
+    # layer 1: |w| summed over (out, in) is [[1,2,1],[2,4,2],[1,2,1]] -> /4
+    k1 = torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]).view(1, 1, 3, 3)
+    # layer 2: only the centre row, with signs (magnitudes count): [[0,0,0],[3,-3,3],[0,0,0]] -> /3
+    k2 = torch.tensor([[0.0, 0, 0], [3, -3, 3], [0, 0, 0]]).view(1, 1, 3, 3)
+    m = kernel_magnitude(_net_with_kernels(k1, k2))
+    expected = (torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]) / 4
+                + torch.tensor([[0.0, 0, 0], [1, 1, 1], [0, 0, 0]])) / 2
+    torch.testing.assert_close(m, expected.double())
+
+
+def test_kernel_magnitude_sums_filters_and_channels_and_fuses_acblocks():
+    k = torch.zeros(2, 3, 3, 3)
+    k[0, 0, 0, 0] = -2.0
+    k[1, 2, 0, 0] = 2.0
+    k[1, 1, 1, 1] = 1.0
+    m = kernel_magnitude(_net_with_kernels(k))
+    assert m[0, 0] == 1.0 and m[1, 1] == 0.25 and m.sum() == 1.25
+    # an ACNet: the asymmetric kernels add onto the skeleton of the fused kernel
+    block = acnet.ACBlock(1, 1, 3, padding=1).eval()
+    with torch.no_grad():
+        block.square_conv.weight.fill_(1.0)
+        block.hor_conv.weight.fill_(1.0)
+        block.ver_conv.weight.fill_(1.0)
+    mag = kernel_magnitude(nn.Sequential(block))
+    expected = torch.tensor([[1.0, 2, 1], [2, 3, 2], [1, 2, 1]]) / 3
+    torch.testing.assert_close(mag, expected.double(), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="no 5x5 conv"):
+        kernel_magnitude(nn.Sequential(block), 5)
+
+
+def test_pattern_masks():
+    assert pattern_mask("skeleton", 3).sum() == 5 and pattern_mask("skeleton", 5).sum() == 9
+    assert pattern_mask("corners", 3).tolist() == [[True, False, True], [False] * 3,
+                                                    [True, False, True]]
+    assert pattern_mask("global", 3).all()
+    with pytest.raises(ValueError, match="pattern"):
+        pattern_mask("edges", 3)
+
+
+@pytest.mark.parametrize("pattern", ["skeleton", "corners", "global"])
+def test_sparsify_zeroes_exactly_the_fraction_at_the_pattern(pattern):
+    torch.manual_seed(0)
+    k = torch.randn(8, 4, 3, 3) + 5  # no zeros to start with
+    model = _net_with_kernels(k)
+    out = sparsify(model, pattern, 0.5, seed=1)
+    w = out[0].weight
+    mask = pattern_mask(pattern, 3)
+    n = 8 * 4 * int(mask.sum())
+    assert int((w[:, :, mask] == 0).sum()) == round(0.5 * n)
+    assert int((w[:, :, ~mask] == 0).sum()) == 0  # nothing outside the pattern
+    assert torch.equal(model[0].weight, k)  # the input model is untouched
+    again = sparsify(model, pattern, 0.5, seed=1)
+    assert torch.equal(again[0].weight, w)  # same seed, same zeros
+    other = sparsify(model, pattern, 0.5, seed=2)
+    assert not torch.equal(other[0].weight, w)
+    assert int((sparsify(model, pattern, 1.0)[0].weight[:, :, mask] != 0).sum()) == 0
+    with pytest.raises(ValueError, match="ratio"):
+        sparsify(model, pattern, 1.5)
+
+
+def test_count_macs():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    assert count_macs(model, (1, 3, 4, 4)) == 8 * 16 * 3 * 9 + 128 * 10
+
+
+def test_reproduce_tiny_end_to_end(tmp_path, monkeypatch):
+    from acnet.experiments import presets, reproduce
+
+    tiny = presets.StudyPreset(
+        "tiny", "synthetic", ("cifar_quick",), (0, 1), "cifar_quick",
+        train={"epochs": 1, "train_limit": 128, "test_limit": 64, "batch_size": 32},
+        ratios=(0.0, 0.5, 1.0), draws=2, description="test")
+    monkeypatch.setitem(presets.STUDY_PRESETS, "tiny", tiny)
+    report = reproduce("tiny", tmp_path, command="acnet reproduce --preset tiny")
+    text = report.read_text()
+    for section in ("## Main result", "## Ablation", "## Centre vs corner",
+                    "## Kernel magnitude", "## Sparsifying", "## Inference cost",
+                    "## Training curves", "acnet reproduce --preset tiny"):
+        assert section in text
+    for png in ("kernel_magnitude.png", "sparsity.png", "training_curves.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert len(res["runs"]) == 12  # 6 ablation variants (incl. base and ACNet) x 2 seeds
+    assert set(res["sparsity"]) == {"base", "ACNet", "corner ACNet"}
+    cost = res["cost"]["cifar_quick"]
+    assert cost["params_base"] == cost["params_acnet_deployed"]
+    assert cost["macs_base"] == cost["macs_acnet_deployed"]
+    # rerunning skips finished runs and rewrites the same tables
+    mtime = (tmp_path / "runs" / "cifar_quick-acb-s0" / "checkpoint.pt").stat().st_mtime
+    reproduce("tiny", tmp_path, command="x")
+    assert (tmp_path / "runs" / "cifar_quick-acb-s0" / "checkpoint.pt").stat().st_mtime == mtime
+
+
+def test_analyze_cli(tmp_path):
+    run = tmp_path / "r"
+    subprocess.run([sys.executable, "-m", "acnet", "train", "--model", "cifar_quick",
+                    "--dataset", "synthetic", "--epochs", "1", "--train-limit", "64",
+                    "--test-limit", "32", "--batch-size", "32", "--quiet", "--out", str(run)],
+                   check=True, capture_output=True)
+    p = subprocess.run([sys.executable, "-m", "acnet", "analyze", "kernels", str(run), "--out",
+                        str(tmp_path / "k.png")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "k.png").exists() and len(p.stdout.splitlines()) >= 6  # 5x5 matrix
+    p = subprocess.run([sys.executable, "-m", "acnet", "analyze", "sparsity", str(run),
+                        "--ratios", "0,0.5", "--draws", "1", "--out", str(tmp_path / "s.png")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert set(data[str(run)]) == {"skeleton", "corners", "global"}
+    p = subprocess.run([sys.executable, "-m", "acnet", "analyze", "sparsity", str(run),
+                        "--ratios", "0,2"], capture_output=True, text=True)
+    assert p.returncode == 2 and "--ratios" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bench_runs_and_reports_ratios(tmp_path):
+    from acnet.bench import format_table, run_bench
+
+    res = run_bench(models=("cifar_quick",), repeats=1, warmup=0, batch=8, conversion=True)
+    tr = res["training"][0]
+    assert set(tr["ratio"]) == {"base", "acb", "acb_no_branch_bn", "straightforward_acb"}
+    assert tr["ratio"]["base"] == 1.0 and all(v > 0 for v in tr["ms"].values())
+    assert {r["batch"] for r in res["inference"]} == {1, 8}
+    table = format_table(res)
+    assert "straightforward ACB" in table and "convert()" in table
+    p = subprocess.run([sys.executable, "-m", "acnet", "bench", "--models", "cifar_quick",
+                        "--repeats", "1", "--warmup", "0", "--batch", "4", "--no-conversion",
+                        "--out", str(tmp_path / "b.json")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "b.json").read_text())["training"][0]["model"] == "cifar_quick"
+
+
+def test_straightforward_reference_matches_acblock():
+    """The benchmark's comparison block computes the same function as ACBlock (train mode)."""
+    from acnet.bench import StraightforwardACB
+
+    torch.manual_seed(0)
+    block = acnet.ACBlock(4, 6, 3, stride=2, padding=1)
+    ref = StraightforwardACB(block)
+    with torch.no_grad():
+        ref.square.weight.copy_(block.square_conv.weight)
+        ref.hor.weight.copy_(block.hor_conv.weight)
+        ref.ver.weight.copy_(block.ver_conv.weight)
+    x = torch.randn(4, 4, 9, 9)
+    torch.testing.assert_close(ref(x), block(x), rtol=1e-5, atol=1e-5)
