@@ -38,7 +38,7 @@ test-slow: setup data
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) -m acnet bench --out benchmarks/results.json
+	PY=$(PY) benchmarks/run_bench.sh
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -71,6 +71,18 @@ def cmd_reproduce(a) -> int:
     text = path.read_text()
     main = text.split("## Main result", 1)[1].split("##", 1)[0] if "## Main result" in text else ""
     print("## Main result" + main.rstrip())
+    res = json.loads((path.parent / "results.json").read_text())
+    print("\nDeployment check (every run: trained model vs its deployed, BN-folded form on the "
+          "test set):")
+    for model in dict.fromkeys(r["model"] for r in res["runs"].values()):
+        rows = [r for r in res["runs"].values() if r["model"] == model]
+        acb = [r for r in rows if r["block"] == "acb"]
+        base = [r for r in rows if r["block"] == "base"]
+        worst = max(r["max_abs_diff_deploy"] for r in rows)
+        agree = min(r["prediction_agreement"] for r in rows)
+        print(f"  {model}: max |logit difference| {worst:.2g}, identical predictions "
+              f"{agree * 100:.2f}%; parameters: base {base[0]['params_train']:,}, ACNet "
+              f"training {acb[0]['params_train']:,} -> deployed {acb[0]['params_deployed']:,}")
     print(f"\nreport: {path}")
     return 0
 

@@ -38,8 +38,8 @@ STUDY_PRESETS: dict[str, StudyPreset] = {
         train={"lr": 0.05},
         per_model={"cifar_quick": {"epochs": 5, "train_limit": 20000},
                    "resnet20": {"epochs": 4, "train_limit": 12000},
-                   "densenet40": {"epochs": 3, "train_limit": 3000}},
-        draws=3, analysis_test_limit=5000,
+                   "densenet40": {"epochs": 2, "train_limit": 1024, "test_limit": 1000}},
+        draws=3, analysis_test_limit=2000,
         description="about an hour on 2 CPU cores: three of the paper's architectures on "
                     "Fashion-MNIST subsets, short cosine schedules, 3 seeds"),
     "paper-cifar10": StudyPreset(

@@ -187,12 +187,17 @@ def write_report(preset: StudyPreset, out: Path, res: dict[str, Any]) -> Path:
         gain = _mean_std(a)[0] - _mean_std(b)[0]
         se = math.sqrt((_mean_std(a)[1] ** 2 / max(len(a), 1))
                        + (_mean_std(b)[1] ** 2 / max(len(b), 1)))
-        verdict = ("yes" if gain > 2 * se else "no") if len(a) > 1 and len(b) > 1 else "n/a"
+        if len(a) < 2 or len(b) < 2:
+            verdict = "n/a"
+        elif abs(gain) > 2 * se:
+            verdict = "yes, better" if gain > 0 else "yes, worse"
+        else:
+            verdict = "no"
         run = next(r for r in res["runs"].values() if r["model"] == model)
         lines.append(f"| {model} | {run['epochs']} | {run['train_images']} | {_pm(b)} | "
                      f"{_pm(a)} | {gain * 100:+.2f} | {verdict} (2 s.e. = {2 * se * 100:.2f}) |")
-    lines += ["", "\"Beyond seed noise\" means the gain exceeds twice the standard error of the "
-              "difference of the two means.", "",
+    lines += ["", "\"Beyond seed noise\" means the difference exceeds twice the standard error "
+              "of the difference of the two means.", "",
               f"## Ablation ({preset.ablation_model}), with robustness to flips and rotation", "",
               "| variant | normal | horizontal flip | vertical flip | rotate 90° |",
               "|---|---|---|---|---|"]
@@ -260,6 +265,9 @@ def write_report(preset: StudyPreset, out: Path, res: dict[str, Any]) -> Path:
                      f"{cst['macs_acnet_deployed']:,} | {cst['latency_ms_base']:.3f} | "
                      f"{cst['latency_ms_acnet']:.3f} | {cst['train_seconds_base']:.0f} | "
                      f"{cst['train_seconds_acnet']:.0f} |")
+    lines += ["", "Params and MACs are counted on the deployed models; \"train s\" is each run's "
+              "wall-clock (mean over seeds) as it happened, possibly sharing the machine with "
+              "other work: `acnet bench` measures the training cost properly, interleaved."]
     # training curves
     curves = {}
     for r in res["runs"].values():

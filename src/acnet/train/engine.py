@@ -192,6 +192,10 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, info: D.DistInfo) -> dict[
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and info.enabled:
+        if device.type == "cpu":
+            raise ValueError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm does not run on CPU); "
+                             "without it BN statistics are averaged across ranks before "
+                             "evaluation and deployment")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params_train = count_params(model)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
