@@ -65,7 +65,8 @@ class _Analysis:
     trace_error: str = ""
 
 
-def _trace(model: nn.Module) -> torch.fx.Graph | None:
+def _trace(model: nn.Module) -> torch.fx.Graph:
+    """The model's fx graph; :class:`_TraceFailed` (with a one-line reason) if it cannot trace."""
     try:
         return _Tracer().trace(model)
     except Exception as exc:  # any tracing failure means: fall back to module order

@@ -51,15 +51,7 @@ def sparsity_curves(curves: dict[str, dict[str, Any]], path: str | Path, title: 
         mean, std = torch.tensor(c["mean"]), torch.tensor(c["std"])
         ax.plot(c["ratios"], mean, marker="o", ms=3, label=label)
         ax.fill_between(c["ratios"], mean - std, mean + std, alpha=0.2)
-    ax.set_xlabel("fraction of weights zeroed")
-    ax.set_ylabel("test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _accuracy_axes(plt, fig, ax, "fraction of weights zeroed", title, path, legend_size=8)
 
 
 def training_curves(runs: dict[str, list[dict[str, Any]]], path: str | Path,
@@ -69,10 +61,16 @@ def training_curves(runs: dict[str, list[dict[str, Any]]], path: str | Path,
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, rows in runs.items():
         ax.plot([r["epoch"] for r in rows], [r["test_acc"] for r in rows], label=label, lw=1)
-    ax.set_xlabel("epoch")
+    _accuracy_axes(plt, fig, ax, "epoch", title, path, legend_size=7)
+
+
+def _accuracy_axes(plt, fig, ax, xlabel: str, title: str, path: str | Path,
+                   legend_size: int) -> None:
+    """Label an accuracy plot, save it and close the figure."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=legend_size)
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
