@@ -39,10 +39,16 @@ def test_zoo_fast(name):
     _check(name)
 
 
+# RegNetY-128GF (644M parameters) needs more than this project's 24 GiB in float64
+TOO_BIG = {"regnet_y_128gf"}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", [n for n in ALL if n not in FAST])
 def test_zoo_all(name):
+    if name in TOO_BIG:
+        pytest.skip(f"{name} needs more than 24 GiB of memory in float64")
     _check(name)
 
 

@@ -50,6 +50,8 @@ def round_trip(name: str, seed: int = 0, steps: int = 2) -> dict:
         opt.step()
     # random affine parameters in every BN (asymmetric branches included) and statistics from data
     calibrate_bn(conv, lambda: torch.randn(4, 3, s, s), seed + 1)
+    del opt  # free gradients and momentum before the float64 copies
+    conv.zero_grad(set_to_none=True)
     # exactness is checked in float64, where a deep random net's fp32 rounding cannot hide a bug
     branchwise(conv).eval().double()  # the ACNet computed branch by branch, as trained
     x = x.double()
