@@ -76,3 +76,15 @@ def branchwise(model: nn.Module) -> nn.Module:
         if isinstance(m, ACBlock):
             m.fast_eval = False
     return model
+
+
+def sgd_steps(model: nn.Module, make_input, steps: int = 3, lr: float = 0.1) -> nn.Module:
+    """A few SGD steps on a squared-output loss, so every branch's weights move."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = model(make_input()).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_bn, rel_err, warm_bn
+from conftest import randomize_bn, rel_err, sgd_steps, warm_bn
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -139,13 +139,7 @@ def test_fusion_exact_in_float64(d, position):
 
 def _trained_block(**kw) -> ACBlock:
     torch.manual_seed(0)
-    block = ACBlock(4, 6, 3, **kw)
-    opt = torch.optim.SGD(block.parameters(), lr=0.1)
-    for _ in range(3):
-        loss = block(torch.randn(4, 4, 10, 10)).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    block = sgd_steps(ACBlock(4, 6, 3, **kw), lambda: torch.randn(4, 4, 10, 10))
     return randomize_bn(block) if kw.get("affine", True) else block
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_bn, rel_err
+from conftest import randomize_bn, rel_err, sgd_steps
 from torch import nn
 
 import acnet
@@ -23,13 +23,7 @@ def _model():
 
 
 def _trained_acnet():
-    ac = acnet.convert(_model())
-    opt = torch.optim.SGD(ac.parameters(), lr=0.05)
-    for _ in range(3):
-        loss = ac(torch.randn(4, 3, 10, 10)).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    ac = sgd_steps(acnet.convert(_model()), lambda: torch.randn(4, 3, 10, 10), lr=0.05)
     return randomize_bn(ac).eval()
 
 
