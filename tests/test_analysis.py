@@ -108,7 +108,13 @@ def test_reproduce_tiny_end_to_end(tmp_path, monkeypatch):
     for png in ("kernel_magnitude.png", "sparsity.png", "training_curves.png"):
         assert (tmp_path / png).stat().st_size > 1000
     res = json.loads((tmp_path / "results.json").read_text())
-    assert len(res["runs"]) == 12  # 6 ablation variants (incl. base and ACNet) x 2 seeds
+    assert len(res["runs"]) == 14  # 7 ablation variants (incl. base, ACNet, online) x 2 seeds
+    assert "online ACNet" in text  # the online ACB row of the ablation
+    from acnet.experiments import summary
+
+    printed = summary(tmp_path)  # what `acnet reproduce` prints, from results.json
+    assert "## Main result" in printed and "| cifar_quick | 1 | 128 |" in printed
+    assert "cifar_quick: max |logit difference|" in printed
     assert set(res["sparsity"]) == {"base", "ACNet", "corner ACNet"}
     cost = res["cost"]["cifar_quick"]
     assert cost["params_base"] == cost["params_acnet_deployed"]
@@ -145,7 +151,8 @@ def test_bench_runs_and_reports_ratios(tmp_path):
 
     res = run_bench(models=("cifar_quick",), repeats=1, warmup=0, batch=8, conversion=True)
     tr = res["training"][0]
-    assert set(tr["ratio"]) == {"base", "acb", "acb_no_branch_bn", "straightforward_acb"}
+    assert set(tr["ratio"]) == {"base", "acb", "acb_no_branch_bn", "acb_online",
+                                "straightforward_acb"}
     assert tr["ratio"]["base"] == 1.0 and all(v > 0 for v in tr["ms"].values())
     assert {r["batch"] for r in res["inference"]} == {1, 8}
     table = format_table(res)
@@ -170,3 +177,25 @@ def test_straightforward_reference_matches_acblock():
         ref.ver.weight.copy_(block.ver_conv.weight)
     x = torch.randn(4, 4, 9, 9)
     torch.testing.assert_close(ref(x), block(x), rtol=1e-5, atol=1e-5)
+
+
+def test_ablation_is_keyed_by_slug_and_seeds_can_be_replaced():
+    from acnet.experiments import ABLATION, STUDY_PRESETS, runs_of
+
+    assert ABLATION["online"].options == {"block": "acb", "branch_bn": False,
+                                          "branch_scale": True}
+    runs = runs_of(STUDY_PRESETS["quick"], seeds=(21, 22))
+    assert {r.seed for r in runs} == {21, 22}
+    assert "cifar_quick-online-s21" in {r.name for r in runs}
+    assert len({r.label for r in runs}) == len(ABLATION)
+
+
+def test_latency_ratio_is_a_ratio_and_restores_modes():
+    from acnet.analysis.cost import latency_ratio
+
+    a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    b = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    b[1].train()  # a mixed-mode model keeps each module's mode
+    lat = latency_ratio({"a": a, "b": b}, (1, 3, 8, 8), repeats=2, warmup=0)
+    assert lat["ratio"]["a"] == 1.0 and lat["ratio"]["b"] > 0 and lat["ms"]["b"] > 0
+    assert a.training and a[0].training and not b.training and b[1].training

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_bn, rel_err, sgd_steps, warm_bn
+from helpers import randomize_bn, rel_err, sgd_steps, warm_bn
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -33,11 +33,13 @@ def reference(block: ACBlock, x: torch.Tensor) -> torch.Tensor:
 
     r0, c0 = block.offsets
     if not block.branch_bn:
-        k = block.square_conv.weight
+        one = torch.ones(block.out_channels, dtype=x.dtype)
+        scale = lambda name: getattr(block, name, one).view(-1, 1, 1, 1)  # noqa: E731
+        k = block.square_conv.weight * scale("square_scale")
         if block.horizontal:
-            k = k + embed_kernel(block.hor_conv.weight, d, r0, 0)
+            k = k + embed_kernel(block.hor_conv.weight * scale("hor_scale"), d, r0, 0)
         if block.vertical:
-            k = k + embed_kernel(block.ver_conv.weight, d, 0, c0)
+            k = k + embed_kernel(block.ver_conv.weight * scale("ver_scale"), d, 0, c0)
         return run(k, copy.deepcopy(block.bn))
     out = run(block.square_conv.weight, copy.deepcopy(block.square_bn))
     if block.horizontal:
@@ -45,6 +47,16 @@ def reference(block: ACBlock, x: torch.Tensor) -> torch.Tensor:
     if block.vertical:
         out = out + run(embed_kernel(block.ver_conv.weight, d, 0, c0), copy.deepcopy(block.ver_bn))
     return out
+
+
+def randomize_scales(block: ACBlock, seed: int = 0) -> ACBlock:
+    """Random branch scales of an online block (branch_scale=True), so they are tested too."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in ("square_scale", "hor_scale", "ver_scale"):
+            if hasattr(block, name):
+                getattr(block, name).copy_(torch.randn(block.out_channels, generator=g))
+    return block
 
 
 @st.composite
@@ -77,6 +89,7 @@ def geometries(draw):
         "affine": draw(st.booleans()),
         "position": draw(st.sampled_from(["center", "corner"])),
     }
+    opts["branch_scale"] = not opts["branch_bn"] and draw(st.booleans())
     return dict(in_channels=cin, out_channels=cout, kernel_size=d, stride=stride,
                 padding=padding, dilation=dilation, groups=groups, padding_mode=mode,
                 **opts), (h, w)
@@ -102,6 +115,7 @@ def test_geometry_train_definition_and_fusion(geom, seed):
     torch.manual_seed(seed)
     block = ACBlock(**kw)
     randomize_bn(block, seed)
+    randomize_scales(block, seed)
     make = lambda: torch.randn(2, kw["in_channels"], *hw) * 2 + 0.5  # noqa: E731
     x = make()
 
@@ -124,6 +138,9 @@ def test_geometry_train_definition_and_fusion(geom, seed):
     assert rel_err(fused(x), y_branches) <= FP32_TOL
     assert rel_err(y, y_branches) <= FP32_TOL
     assert rel_err(y_branches, reference(block, x)) <= FP32_TOL
+    block.fast_eval = True
+    with torch.no_grad():  # the cached fused kernel (no gradient needed)
+        assert rel_err(block(x), y_branches) <= FP32_TOL
 
 
 @pytest.mark.parametrize("d", [2, 3, 4, 5, 7])

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import branchwise, randomize_bn, rel_err, warm_bn
+from helpers import branchwise, randomize_bn, rel_err, sgd_steps, warm_bn
 from torch import nn
 
 import acnet
@@ -44,14 +44,7 @@ class Net(nn.Module):
 
 
 def _train(model, steps=3, shape=(4, 3, 12, 12)):
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(steps):
-        loss = model(torch.randn(*shape)).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model
+    return sgd_steps(model, lambda: torch.randn(*shape), steps, lr=0.05, momentum=0.9)
 
 
 def test_report_pairs_and_skips():
@@ -239,13 +232,13 @@ class Untraceable(nn.Module):
         return self.bn(self.conv(x))
 
 
-def test_untraceable_model_falls_back_to_module_order():
+def test_untraceable_model_pairs_are_proven_by_a_probe_run():
     torch.manual_seed(0)
     model = randomize_bn(Untraceable()).eval()
-    with pytest.warns(UserWarning, match="module order"):
+    with pytest.warns(UserWarning, match="could not trace"):
         out = acnet.convert(model)
     assert isinstance(out.bn, AbsorbedBatchNorm)
-    assert "by module order" in str(out.acnet_report)
+    assert "proven by probe" in str(out.acnet_report)
     x = torch.randn(2, 3, 6, 6)
     assert rel_err(out.eval()(x), model(x)) <= TOL
 

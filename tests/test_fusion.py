@@ -5,7 +5,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acnet.fusion import bn_identity_params, branch_offsets, embed_kernel, fold_bn
+from acnet.fusion import (
+    bn_identity_params,
+    bn_scale_shift,
+    branch_offsets,
+    embed_kernel,
+    fold_bn,
+    merge_kernels,
+    tap_indices,
+)
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -81,3 +89,47 @@ def test_bn_identity_params_adds_bias(affine):
             bn.bias.copy_(b)
     x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
     torch.testing.assert_close(bn(x * scale.view(1, -1, 1, 1)), x + bias.view(1, -1, 1, 1))
+
+
+@pytest.mark.parametrize("d", [2, 3, 5])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_merge_kernels_matches_embedded_sum(d, scaled):
+    """One fold: Σ scale_b · embed(W_b) through index_add equals the brute-force sum."""
+    torch.manual_seed(d)
+    r0, c0 = branch_offsets(d, "center")
+    kernels = [torch.randn(4, 3, d, d, dtype=torch.float64),
+               torch.randn(4, 3, 1, d, dtype=torch.float64),
+               torch.randn(4, 3, d, 1, dtype=torch.float64)]
+    places = [(0, 0), (r0, 0), (0, c0)]
+    scales = [torch.randn(4, dtype=torch.float64) for _ in kernels] if scaled else None
+    taps = tap_indices(d, [(*k.shape[-2:], r, c) for k, (r, c) in zip(kernels[1:], places[1:])])
+    got = merge_kernels(kernels, taps, scales)
+    ref = sum(embed_kernel(k * (1 if scales is None else s.view(-1, 1, 1, 1)), d, r, c)
+              for k, s, (r, c) in zip(kernels, scales or [None] * 3, places))
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
+def test_tap_indices_rejects_out_of_range():
+    with pytest.raises(ValueError, match="does not fit"):
+        tap_indices(3, [(1, 3, 3, 0)])
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_bn_scale_shift_matches_eval_bn(affine):
+    torch.manual_seed(0)
+    bns = [nn.BatchNorm2d(5, affine=affine, eps=1e-3).double().eval() for _ in range(2)]
+    for bn in bns:
+        with torch.no_grad():
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.1, 3)
+            if affine:
+                bn.weight.uniform_(-2, 2)
+                bn.bias.uniform_(-1, 1)
+    stack = lambda name: torch.stack([getattr(bn, name) for bn in bns])  # noqa: E731
+    scale, shift = bn_scale_shift(stack("running_mean"), stack("running_var"), 1e-3,
+                                  stack("weight") if affine else None,
+                                  stack("bias") if affine else None)
+    y = torch.randn(2, 5, 3, 3, dtype=torch.float64)
+    for i, bn in enumerate(bns):
+        torch.testing.assert_close(y * scale[i].view(1, -1, 1, 1) + shift[i].view(1, -1, 1, 1),
+                                   bn(y), rtol=0, atol=1e-12)

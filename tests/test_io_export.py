@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_bn, rel_err, sgd_steps
+from helpers import randomize_bn, rel_err, sgd_steps
 from torch import nn
 
 import acnet
@@ -30,7 +30,9 @@ def _trained_acnet():
 def test_save_and_load_deployed(tmp_path):
     ac = _trained_acnet()
     path = tmp_path / "model.safetensors"
-    acnet.save_deployed(ac, path, metadata={"arch": "toy"})  # deploys first
+    with pytest.raises(ValueError, match="deploy it first"):
+        acnet.save_deployed(ac, path)  # io only saves: the caller deploys
+    acnet.save_deployed(acnet.deploy(ac), path, metadata={"arch": "toy"})
     stock = acnet.load_deployed(path, _model()).eval()
     x = torch.randn(2, 3, 10, 10)
     assert rel_err(stock(x), ac(x)) <= 1e-5
@@ -79,3 +81,14 @@ def test_onnx_mismatch_fails_loudly(tmp_path, monkeypatch):
         acnet.export_onnx(_trained_acnet(), tmp_path / "m.onnx", (1, 3, 10, 10), rtol=-1.0)
     with pytest.raises(ValueError, match="input_shape"):
         acnet.export_onnx(_model(), tmp_path / "m.onnx", (3, 10, 10))
+    with pytest.raises(ValueError, match="is a directory"):
+        acnet.export_onnx(_model(), tmp_path, (1, 3, 10, 10))
+    assert acnet.ExportMismatchError is export.ExportMismatchError
+
+
+def test_export_onnx_keeps_the_callers_training_mode(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = _model().train()
+    model[1].eval()  # a frozen BN inside a training model stays frozen
+    acnet.export_onnx(model, tmp_path / "m.onnx", (1, 3, 10, 10))
+    assert model.training and model[0].training and not model[1].training

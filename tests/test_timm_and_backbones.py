@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import branchwise, randomize_bn, rel_err
+from helpers import branchwise, randomize_bn, rel_err, sgd_steps
 
 import acnet
 from acnet import ACBlock
 
 
 def _train_steps(model, x, steps=2, out_key=None):
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    for _ in range(steps):
-        out = model(x)
-        out = out[out_key] if out_key else out
-        loss = out.square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    pick = (lambda out: out[out_key]) if out_key else (lambda out: out)
+    sgd_steps(model, lambda: x, steps, lr=1e-3, momentum=0.9,
+              loss=lambda out: pick(out).square().mean())
 
 
 @pytest.mark.parametrize("name", ["resnet10t", "efficientnet_b0", "dla34", "mobilenetv3_small_050"])

@@ -25,7 +25,9 @@ def _check(name: str) -> None:
     else:
         assert r["converted"] > 0
     assert r["spread"] > 1e-3, r  # outputs are not degenerate (constant or saturated)
-    assert r["err_convert"] <= 1e-4, r  # float32, the original's own arithmetic
+    # float64, both models: convert copies weights exactly; only a conv bias folded into the BN's
+    # running mean is rounded to float32 once per layer (vgg*_bn), which does not compound
+    assert r["err_convert"] <= 1e-6, r
     # float64, BN statistics from data: exact fusion leaves only rounding (measured <= 3e-14)
     assert r["err_deploy"] <= 1e-9, r
     if r["bias_added"]:

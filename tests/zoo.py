@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import branchwise, calibrate_bn, rel_err
+from helpers import branchwise, calibrate_bn, rel_err, sgd_steps
 
 import acnet
 
@@ -36,22 +36,21 @@ def round_trip(name: str, seed: int = 0, steps: int = 2) -> dict:
     x = torch.randn(2, 3, s, s)
     conv = acnet.convert(model)
     report = conv.acnet_report
+    # both in float64: convert copies weights exactly, so only float64 rounding may remain, where
+    # float32 rounding through 100+ layers of a random deep net reaches ~1e-3 by itself
+    model.double()
+    conv.double()
     with torch.no_grad():
-        err_convert = rel_err(logits(conv(x)), logits(model(x)))
+        err_convert = rel_err(logits(conv(x.double())), logits(model(x.double())))
     del model  # big models (RegNetY-128GF) must fit in float64 below
+    conv.float()  # exact: the float32 values went up to float64 and come back unchanged
     # train a few steps so every branch (zero-initialised asymmetric BNs) carries weight
-    conv.train()
-    opt = torch.optim.SGD(conv.parameters(), lr=1e-3, momentum=0.9)
     target = torch.tensor([1, 7])
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(logits(conv(torch.randn(2, 3, s, s))), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    sgd_steps(conv, lambda: torch.randn(2, 3, s, s), steps, lr=1e-3, momentum=0.9,
+              loss=lambda out: torch.nn.functional.cross_entropy(logits(out), target))
     # random affine parameters in every BN (asymmetric branches included) and statistics from data
     calibrate_bn(conv, lambda: torch.randn(4, 3, s, s), seed + 1)
-    del opt  # free gradients and momentum before the float64 copies
-    conv.zero_grad(set_to_none=True)
+    conv.zero_grad(set_to_none=True)  # free gradients before the float64 copies
     # exactness is checked in float64, where a deep random net's fp32 rounding cannot hide a bug
     branchwise(conv).eval().double()  # the ACNet computed branch by branch, as trained
     x = x.double()

@@ -2,6 +2,7 @@
 
 from .block import ACBlock
 from .convert import AbsorbedBatchNorm, ConversionReport, convert, deploy
+from .export import ExportMismatchError, export_onnx
 from .fusion import embed_kernel, fold_bn
 from .io import load_checkpoint, load_deployed, save_checkpoint, save_deployed
 
@@ -11,6 +12,7 @@ __all__ = [
     "ACBlock",
     "AbsorbedBatchNorm",
     "ConversionReport",
+    "ExportMismatchError",
     "convert",
     "deploy",
     "embed_kernel",
@@ -22,10 +24,3 @@ __all__ = [
     "save_deployed",
     "__version__",
 ]
-
-
-def export_onnx(*args, **kwargs):
-    """Deploy, export to ONNX, check with onnxruntime (see :func:`acnet.export.export_onnx`)."""
-    from .export import export_onnx as _export
-
-    return _export(*args, **kwargs)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .analysis.cost import latency_ratio, time_interleaved
 from .block import ACBlock
 from .convert import convert, deploy
 from .models import build_model
+from .train.engine import _eager_ceil_mode_avg_pools
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StraightforwardACB", "run_bench", "format_table"]
+__all__ = ["StraightforwardACB", "run_bench", "format_table", "TRAINING_VARIANTS"]
 
 
 class StraightforwardACB(nn.Module):
@@ -51,6 +53,7 @@ class StraightforwardACB(nn.Module):
 
 
 def _straightforward(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ACBlock replaced by its :class:`StraightforwardACB`."""
     model = copy.deepcopy(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, ACBlock):
@@ -59,65 +62,96 @@ def _straightforward(model: nn.Module) -> nn.Module:
     return model
 
 
-def _interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int,
-                 sync: Callable[[], None]) -> dict[str, float]:
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    sync()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            sync()
-            t = time.perf_counter()
-            f()
-            sync()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+# the eager training variants, as ACBlock options (None: the conv-BN baseline)
+TRAINING_VARIANTS: dict[str, dict[str, Any] | None] = {
+    "base": None,
+    "acb": {},
+    "acb_no_branch_bn": {"branch_bn": False},
+    "acb_online": {"branch_bn": False, "branch_scale": True},
+}
+COMPILED_VARIANTS = ("base", "acb", "acb_online")  # also timed under torch.compile with compile
 
 
-def _sync_for(device: torch.device) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def _training_models(model_name: str, compile: bool) -> dict[str, nn.Module]:
+    """Every variant of the training benchmark, built from one seeded base model."""
+    torch.manual_seed(0)
+    base = build_model(model_name, in_channels=3, num_classes=10)
+    models = {k: copy.deepcopy(base) if opts is None else convert(base, preserve=False, **opts)
+              for k, opts in TRAINING_VARIANTS.items()}
+    models["straightforward_acb"] = _straightforward(models["acb"])
+    if compile:
+        for k in COMPILED_VARIANTS:
+            models[f"{k}_compiled"] = copy.deepcopy(models[k])
+    return models
+
+
+def _step_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor, compiled: bool):
+    """One SGD training step of ``m`` (under torch.compile when ``compiled``) as a closure."""
+    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+    if compiled:
+        _eager_ceil_mode_avg_pools(m)  # as `acnet train --compile` runs it (exact gradients)
+    net = torch.compile(m, dynamic=False) if compiled else m
+
+    def step() -> None:
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _first_call_s(fn, device: torch.device) -> float:
+    """Seconds of one call, synchronized (for a compiled step: mostly its compilation)."""
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
+def _peak_mib(fn, device: torch.device) -> float:
+    """Peak CUDA memory (MiB) of one call after a warm-up call."""
+    fn()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def bench_training(model_name: str, device: torch.device, batch: int, repeats: int, warmup: int,
-                   image: int = 32) -> dict[str, Any]:
-    """Median training-step time (forward, backward, SGD) of each variant, and ratios."""
-    torch.manual_seed(0)
-    base = build_model(model_name, in_channels=3, num_classes=10)
-    variants = {
-        "base": base,
-        "acb": convert(base, preserve=False),
-        "acb_no_branch_bn": convert(base, preserve=False, branch_bn=False),
-    }
-    variants["straightforward_acb"] = _straightforward(variants["acb"])
+                   image: int = 32, compile: bool = False) -> dict[str, Any]:
+    """Median training-step time (forward, backward, SGD) of each variant, interleaved, and its
+    ratio to the conv-BN baseline (eager); with ``compile`` also the torch.compile'd variants
+    and their compile time (the first step's seconds)."""
     x = torch.randn(batch, 3, image, image, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    fns, peak = {}, {}
-    for name, m in variants.items():
-        m = m.to(device).train()
-        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-
-        def step(m=m, opt=opt):
-            loss = F.cross_entropy(m(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        fns[name] = step
+    load0 = _load()
+    fns, peak, first = {}, {}, {}
+    for name, m in _training_models(model_name, compile).items():
+        fns[name] = _step_fn(m.to(device).train(), x, y, name.endswith("_compiled"))
+        if name.endswith("_compiled"):
+            first[name] = _first_call_s(fns[name], device)
         if device.type == "cuda":
-            step()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(device)
-            step()
-            torch.cuda.synchronize()
-            peak[name] = torch.cuda.max_memory_allocated(device) / 2**20
-    med = _interleaved(fns, repeats, warmup, _sync_for(device))
+            peak[name] = _peak_mib(fns[name], device)
+    med = time_interleaved(fns, repeats, warmup, device)
     out = {"model": model_name, "batch": batch, "ms": {k: v * 1e3 for k, v in med.items()},
-           "ratio": {k: v / med["base"] for k, v in med.items()}}
+           "ratio": {k: v / med["base"] for k, v in med.items()},
+           "load_avg": [load0, _load()]}
+    if first:
+        out["compile_s"] = first
     if peak:
         out["peak_mib"] = peak
     return out
+
+
+def _load() -> float | None:
+    """The 1-minute load average (None where the OS has none): others' work skews timings."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def bench_inference(model_name: str, device: torch.device, batch: int, repeats: int,
@@ -126,21 +160,15 @@ def bench_inference(model_name: str, device: torch.device, batch: int, repeats: 
     torch.manual_seed(0)
     base = build_model(model_name, in_channels=3, num_classes=10).eval()
     acb = convert(base, preserve=False).eval()
+    online = convert(base, preserve=False, **TRAINING_VARIANTS["acb_online"]).eval()
     variants = {"base": deploy(base, fold_bn=True), "acnet_deployed": deploy(acb, fold_bn=True),
-                "acnet_unfused": acb}
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    fns = {}
-    for name, m in variants.items():
-        m = m.to(device).eval()
-
-        def run(m=m):
-            with torch.no_grad():
-                m(x)
-
-        fns[name] = run
-    med = _interleaved(fns, repeats, warmup, _sync_for(device))
-    return {"model": model_name, "batch": batch, "ms": {k: v * 1e3 for k, v in med.items()},
-            "ratio": {k: v / med["base"] for k, v in med.items()}}
+                "acnet_unfused": acb, "online_unfused": online}
+    load0 = _load()
+    lat = latency_ratio({k: m.to(device) for k, m in variants.items()}, (batch, 3, 32, 32),
+                        repeats=repeats, warmup=warmup, device=device, baseline="base")
+    ms = lat["ms"]
+    lat["unfused_vs_deployed"] = ms["acnet_unfused"] / ms["acnet_deployed"]
+    return {"model": model_name, "batch": batch, **lat, "load_avg": [load0, _load()]}
 
 
 def bench_conversion(repeats: int = 3) -> dict[str, Any] | None:
@@ -163,6 +191,7 @@ def bench_conversion(repeats: int = 3) -> dict[str, Any] | None:
 
 
 def machine() -> dict[str, Any]:
+    """Python, torch, CPU model, threads and GPU name of this machine."""
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     try:
@@ -179,10 +208,13 @@ def machine() -> dict[str, Any]:
 
 
 def run_bench(*, models: tuple[str, ...] = ("resnet20", "resnet56", "cifar_quick"),
-              devices: tuple[str, ...] | None = None, batch: int = 128, repeats: int = 10,
-              warmup: int = 2, conversion: bool = True) -> dict[str, Any]:
-    """Run the suite; returns a JSON-able dict (see :func:`format_table`)."""
-    if repeats < 1 or batch < 1:
+              devices: tuple[str, ...] | None = None, batch: int | tuple[int, ...] = 128,
+              repeats: int = 10, warmup: int = 2, conversion: bool = True,
+              compile: bool = False) -> dict[str, Any]:
+    """Run the suite (training at each ``batch``, inference at 1 and each batch); returns a
+    JSON-able dict (see :func:`format_table`). ``compile`` adds the torch.compile variants."""
+    batches = (batch,) if isinstance(batch, int) else tuple(batch)
+    if repeats < 1 or not batches or min(batches) < 1:
         raise ValueError(f"repeats and batch must be >= 1, got {repeats} and {batch}")
     devs = devices or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
     result: dict[str, Any] = {"machine": machine(), "repeats": repeats, "warmup": warmup,
@@ -190,47 +222,94 @@ def run_bench(*, models: tuple[str, ...] = ("resnet20", "resnet56", "cifar_quick
     for dev in devs:
         device = torch.device(dev)
         for m in models:
-            log.info("training step: %s on %s", m, dev)
-            r = bench_training(m, device, batch, repeats, warmup)
-            r["device"] = dev
-            result["training"].append(r)
-        for b in (1, batch):
+            for b in batches:
+                log.info("training step: %s batch %d on %s", m, b, dev)
+                r = bench_training(m, device, b, repeats, warmup, compile=compile)
+                result["training"].append({**r, "device": dev})
+        for b in sorted({1, *batches}):
             log.info("inference: %s batch %d on %s", models[0], b, dev)
             r = bench_inference(models[0], device, b, max(repeats, 10) * (5 if b == 1 else 1),
                                 warmup)
-            r["device"] = dev
-            result["inference"].append(r)
+            result["inference"].append({**r, "device": dev})
     if conversion:
         result["conversion"] = bench_conversion()
     return result
 
 
-def format_table(res: dict[str, Any]) -> str:
-    """Markdown tables of a :func:`run_bench` result."""
-    lines = [f"Machine: {res['machine']}; medians of {res['repeats']} interleaved repeats.", "",
-             "Training step (forward + backward + SGD), ratio to the conv-BN baseline:", "",
-             "| device | model | batch | base ms | ACB | ACB no branch BN | straightforward ACB |",
-             "|---|---|---|---|---|---|---|"]
+def _load_cell(r: dict[str, Any]) -> str:
+    """The load averages before/after a row's timing, for the tables."""
+    return "/".join("?" if v is None else f"{v:.1f}" for v in r.get("load_avg", [None, None]))
+
+
+def _training_table(res: dict[str, Any]) -> list[str]:
+    """Eager training-step ratios."""
+    lines = ["Training step (forward + backward + SGD), ratio to the conv-BN baseline:", "",
+             "| device | model | batch | base ms | ACB | ACB no branch BN | online ACB | "
+             "straightforward ACB | load |", "|---|---|---|---|---|---|---|---|---|"]
     for r in res["training"]:
         q = r["ratio"]
         lines.append(f"| {r['device']} | {r['model']} | {r['batch']} | {r['ms']['base']:.1f} | "
                      f"{q['acb']:.2f}x | {q['acb_no_branch_bn']:.2f}x | "
-                     f"{q['straightforward_acb']:.2f}x |")
-    lines += ["", "Inference (eval, no grad), ratio to the baseline with conv-BN folded:", "",
-              "| device | model | batch | base ms | ACNet deployed | ACNet unfused |",
-              "|---|---|---|---|---|---|"]
+                     f"{q.get('acb_online', float('nan')):.2f}x | "
+                     f"{q['straightforward_acb']:.2f}x | {_load_cell(r)} |")
+    return lines
+
+
+def _compiled_table(res: dict[str, Any]) -> list[str]:
+    """torch.compile'd training steps: ratio to the eager baseline, and compile seconds."""
+    rows = [r for r in res["training"] if "compile_s" in r]
+    if not rows:
+        return []
+    lines = ["", "Training step under torch.compile, ratio to the EAGER conv-BN baseline "
+                 "(compile: seconds of the first step):", "",
+             "| device | model | batch | base | ACB | online ACB | compile s base / ACB / online "
+             "| load |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        q, c = r["ratio"], r["compile_s"]
+        lines.append(f"| {r['device']} | {r['model']} | {r['batch']} | "
+                     + " | ".join(f"{q[f'{k}_compiled']:.2f}x" for k in COMPILED_VARIANTS)
+                     + " | " + " / ".join(f"{c[f'{k}_compiled']:.0f}" for k in COMPILED_VARIANTS)
+                     + f" | {_load_cell(r)} |")
+    return lines
+
+
+def _inference_table(res: dict[str, Any]) -> list[str]:
+    """Eval-mode latency ratios (deployed and unfused)."""
+    lines = ["", "Inference (eval, no grad), ratio to the baseline with conv-BN folded:", "",
+             "| device | model | batch | base ms | ACNet deployed | ACNet unfused | "
+             "unfused / deployed | online ACB unfused | load |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in res["inference"]:
         q = r["ratio"]
         lines.append(f"| {r['device']} | {r['model']} | {r['batch']} | {r['ms']['base']:.2f} | "
-                     f"{q['acnet_deployed']:.3f}x | {q['acnet_unfused']:.2f}x |")
-    if any("peak_mib" in r for r in res["training"]):
-        lines += ["", "| device | model | peak MiB base | ACB | straightforward |",
-                  "|---|---|---|---|---|"]
-        for r in res["training"]:
-            if "peak_mib" in r:
-                p = r["peak_mib"]
-                lines.append(f"| {r['device']} | {r['model']} | {p['base']:.0f} | {p['acb']:.0f} | "
-                             f"{p['straightforward_acb']:.0f} |")
+                     f"{q['acnet_deployed']:.3f}x | {q['acnet_unfused']:.2f}x | "
+                     f"{r.get('unfused_vs_deployed', float('nan')):.2f}x | "
+                     f"{q.get('online_unfused', float('nan')):.2f}x | {_load_cell(r)} |")
+    return lines
+
+
+def _memory_table(res: dict[str, Any]) -> list[str]:
+    """Peak CUDA memory of each training variant (MiB)."""
+    rows = [r for r in res["training"] if "peak_mib" in r]
+    if not rows:
+        return []
+    names = list(rows[0]["peak_mib"])
+    lines = ["", "Peak CUDA memory of a training step (MiB):", "",
+             "| device | model | batch | " + " | ".join(names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for r in rows:
+        p = r["peak_mib"]
+        lines.append(f"| {r['device']} | {r['model']} | {r['batch']} | "
+                     + " | ".join(f"{p[k]:.0f}" for k in names) + " |")
+    return lines
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """Markdown tables of a :func:`run_bench` result (load: 1-minute load average before/after
+    each row's timing)."""
+    lines = [f"Machine: {res['machine']}; medians of {res['repeats']} interleaved repeats.", "",
+             *_training_table(res), *_compiled_table(res), *_inference_table(res),
+             *_memory_table(res)]
     c = res.get("conversion")
     if c:
         lines += ["", f"convert() {c['model']}: {c['convert_s']:.2f} s; deploy(): "
@@ -239,5 +318,6 @@ def format_table(res: dict[str, Any]) -> str:
 
 
 def save(res: dict[str, Any], path: str | Path) -> None:
+    """Write a :func:`run_bench` result as indented JSON."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(res, indent=2) + "\n")

@@ -1,24 +1,43 @@
-"""The ``acnet`` command line: a thin layer over the Python API."""
+"""The ``acnet`` command line: parses arguments, calls the Python API, prints the results."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from . import __version__
+from .cli_studies import (
+    add_analyze,
+    add_bench,
+    add_reproduce,
+    cmd_analyze,
+    cmd_bench,
+    cmd_reproduce,
+)
+from .data import DATASETS, TRANSFORMS
+from .export import ExportMismatchError
 from .io import CheckpointError
+from .runs import deploy_run, evaluate_run, export_run
+from .train import TrainConfig, train
 
 log = logging.getLogger("acnet")
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError,
-               ImportError, FloatingPointError, CheckpointError)
+               IsADirectoryError, NotADirectoryError, ImportError, FloatingPointError,
+               CheckpointError, ExportMismatchError)
+
+DEFAULTS = TrainConfig()  # the one place train's defaults live; --help quotes them
 
 
-def _positive(s: str) -> int:
+def positive_int(s: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         v = int(s)
     except ValueError:
@@ -28,170 +47,189 @@ def _positive(s: str) -> int:
     return v
 
 
-def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a baseline or an ACNet, deploy it at the end",
-                       description="Train --model on --dataset into --out (a run directory).")
-    p.add_argument("--model", default="resnet20",
-                   help="cifar_quick, vgg16, resnet20/56/110, wrn16_8, densenet40, tv:NAME, "
-                        "timm:NAME (default resnet20)")
-    p.add_argument("--dataset", default="fashion-mnist",
-                   help="fashion-mnist (default), cifar10, cifar100, imagenet, synthetic")
-    p.add_argument("--block", choices=["acb", "base"], default="acb")
-    p.add_argument("--epochs", type=_positive, help="default: the model's preset")
-    p.add_argument("--batch-size", type=_positive, default=128)
+def _default(name: str) -> str:
+    """Help text quoting TrainConfig's default for ``name``."""
+    return f"default {getattr(DEFAULTS, name)}"
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    """train's options; their dest names are TrainConfig fields, absent unless given."""
+    p.add_argument("--model", help="cifar_quick, vgg16, resnet20/56/110, wrn16_8, densenet40, "
+                   f"tv:NAME, timm:NAME ({_default('model')})")
+    p.add_argument("--dataset", help=f"{', '.join(DATASETS)} ({_default('dataset')})")
+    p.add_argument("--block", choices=["acb", "base"], help=_default("block"))
+    p.add_argument("--epochs", type=positive_int, help="default: the model's preset")
+    p.add_argument("--batch-size", type=positive_int, help=_default("batch_size"))
     p.add_argument("--lr", type=float, help="default: the model's preset")
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--momentum", type=float, help=_default("momentum"))
     p.add_argument("--nesterov", action="store_true")
     p.add_argument("--weight-decay", type=float, help="default: the model's preset")
-    p.add_argument("--warmup-epochs", type=int, default=0)
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--gamma-init", type=float, help="initial BN scale in ACBs (default 1/3)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-limit", type=_positive, help="train on the first N images")
-    p.add_argument("--test-limit", type=_positive, help="evaluate on the first N test images")
+    p.add_argument("--warmup-epochs", type=int, help=_default("warmup_epochs"))
+    p.add_argument("--label-smoothing", type=float, help=_default("label_smoothing"))
+    p.add_argument("--gamma-init", type=float, help="initial BN scale in ACBlocks (acb only; "
+                   "default 1/3 with branch BN)")
+    p.add_argument("--seed", type=int, help=_default("seed"))
+    p.add_argument("--train-limit", type=positive_int, help="train on the first N images")
+    p.add_argument("--test-limit", type=positive_int, help="evaluate on the first N test images")
     p.add_argument("--out", required=True, help="run directory to create (or resume)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
-    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--resume", action="store_true", default=False,
+                   help="continue the run in --out")
+    p.add_argument("--device", help=f"auto, cpu or cuda ({_default('device')})")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--compile", action="store_true", help="train and evaluate under "
+                   "torch.compile (checkpoints, deploy and export use the plain model)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP")
     p.add_argument("--data-dir", help="where the dataset is (default: the usual places)")
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers (imagenet)")
-    p.add_argument("--image-size", type=_positive, default=224, help="imagenet crop size")
+    p.add_argument("--workers", type=int, help=f"DataLoader workers, imagenet "
+                   f"({_default('workers')})")
+    p.add_argument("--image-size", type=positive_int, help=f"imagenet crop size "
+                   f"({_default('image_size')})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("ablation")
-    g.add_argument("--no-horizontal", action="store_true", help="no 1xd branch")
-    g.add_argument("--no-vertical", action="store_true", help="no dx1 branch")
-    g.add_argument("--no-branch-bn", action="store_true", help="one BN after the summed kernels")
-    g.add_argument("--position", choices=["center", "corner"], default="center")
+    g.add_argument("--no-horizontal", dest="horizontal", action="store_false",
+                   help="no 1xd branch")
+    g.add_argument("--no-vertical", dest="vertical", action="store_false", help="no dx1 branch")
+    g.add_argument("--no-branch-bn", dest="branch_bn", action="store_false",
+                   help="one BN after the summed kernels")
+    g.add_argument("--branch-scale", action="store_true",
+                   help="online ACB: a learnable scale per branch (needs --no-branch-bn)")
+    g.add_argument("--position", choices=["center", "corner"], help=_default("position"))
 
 
-def _config_from(a):
-    from .train import TrainConfig
-
-    return TrainConfig(
-        model=a.model, dataset=a.dataset, block=a.block, epochs=a.epochs,
-        batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov,
-        weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs,
-        label_smoothing=a.label_smoothing, seed=a.seed, train_limit=a.train_limit,
-        test_limit=a.test_limit, device=a.device, amp=not a.no_amp,
-        channels_last=not a.no_channels_last, horizontal=not a.no_horizontal,
-        vertical=not a.no_vertical, branch_bn=not a.no_branch_bn, position=a.position,
-        gamma_init=a.gamma_init, sync_bn=a.sync_bn, data_dir=a.data_dir, download=a.download,
-        workers=a.workers, image_size=a.image_size, quiet=a.quiet)
+def config_from_args(a: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of the options given on the command line (the rest: its defaults)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(a).items() if k in fields})
 
 
-def cmd_train(a) -> int:
-    from .train import train
-
-    cfg = _config_from(a)
-    from .models import build_model  # fail fast on an unknown model, before touching --out
-
-    if not (a.model.startswith(("tv:", "timm:"))):
-        build_model(a.model, in_channels=1, num_classes=2)
-    m = train(cfg, a.out, resume=a.resume)
+def cmd_train(a: argparse.Namespace) -> int:
+    """Train (or resume) a run; print its final metrics as JSON."""
+    m = train(config_from_args(a), a.out, resume=a.resume)
     if m:
         print(json.dumps({k: m[k] for k in ("test_acc", "deployed_test_acc", "params_train",
                                             "params_deployed", "max_abs_diff_deploy")}))
     return 0
 
 
-def cmd_eval(a) -> int:
-    import torch
+def add_eval(p: argparse.ArgumentParser) -> None:
+    """eval's options."""
+    p.add_argument("run", help="run directory or deployed .safetensors file")
+    p.add_argument("--dataset", help="default: the dataset it was trained on")
+    p.add_argument("--transform", choices=list(TRANSFORMS), default="none")
+    p.add_argument("--data-dir")
+    p.add_argument("--test-limit", type=positive_int,
+                   help="first N test images (default: the run's own --test-limit)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
-    from .data import DATASETS
-    from .runs import load_deployed_model, open_run
-    from .train import evaluate
-    from .train.distributed import DistInfo
-    from .train.engine import load_data
 
-    cfg, _ = open_run(a.run)
-    if a.dataset:
-        if a.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {a.dataset!r}; choose one of {', '.join(DATASETS)}")
-        cfg.dataset = a.dataset
-    if a.data_dir:
-        cfg.data_dir = a.data_dir
-    cfg.test_limit = a.test_limit
-    cfg.train_limit = None
-    cfg.batch_size = 1
-    device = torch.device("cuda" if a.device == "cuda" else "cpu")
-    data = load_data(cfg, DistInfo(device=device), transform=a.transform)
-    if data.in_channels != cfg.in_channels or data.num_classes != cfg.num_classes:
-        raise ValueError(f"{a.run} was trained on {cfg.in_channels}-channel images with "
-                         f"{cfg.num_classes} classes; {cfg.dataset} has {data.in_channels} and "
-                         f"{data.num_classes}")
-    model = load_deployed_model(a.run, device=str(device))
-    acc, _ = evaluate(model, data.test)
-    print(json.dumps({"run": str(a.run), "dataset": cfg.dataset, "transform": a.transform,
-                      "test_acc": acc}))
+def cmd_eval(a: argparse.Namespace) -> int:
+    """Print a run's test accuracy as JSON."""
+    print(json.dumps(evaluate_run(a.run, dataset=a.dataset, transform=a.transform,
+                                  data_dir=a.data_dir, test_limit=a.test_limit,
+                                  device=a.device)))
     return 0
 
 
-def cmd_deploy(a) -> int:
-    from .runs import deploy_run
+def add_deploy(p: argparse.ArgumentParser) -> None:
+    """deploy's options."""
+    p.add_argument("run", help="run directory")
 
+
+def cmd_deploy(a: argparse.Namespace) -> int:
+    """Re-deploy a run from its checkpoint; print the report."""
     out, report, diff = deploy_run(a.run)
     print(report)
     print(f"wrote {out} (max |trained - deployed| on a random batch: {diff:.3g})")
     return 0
 
 
-def cmd_export(a) -> int:
-    from .export import export_onnx
-    from .runs import load_deployed_model, open_run
+def add_export(p: argparse.ArgumentParser) -> None:
+    """export's options."""
+    p.add_argument("run", help="run directory or deployed .safetensors file")
+    p.add_argument("--onnx", required=True, help="output .onnx file")
+    p.add_argument("--int8", action="store_true",
+                   help="also write FILE.int8.onnx (static INT8, onnxruntime), evaluate both on "
+                        "the test set, results in RUN/export.json")
+    p.add_argument("--calibration-images", type=positive_int,
+                   help="seeded training images that calibrate --int8 (default 512)")
 
-    cfg, _ = open_run(a.run)
-    model = load_deployed_model(a.run)
-    size = cfg.input_size or 32
-    err = export_onnx(model, a.onnx, (1, cfg.in_channels, size, size))
-    print(f"wrote {a.onnx}: onnxruntime matches PyTorch (relative max error {err:.2g})")
+
+def cmd_export(a: argparse.Namespace) -> int:
+    """Export a run to ONNX; print the file and the measured error."""
+    if a.int8:
+        return _export_int8(a)
+    if a.calibration_images is not None:
+        raise ValueError("--calibration-images needs --int8")
+    result = export_run(a.run, a.onnx)
+    print(f"wrote {result['onnx']}: onnxruntime matches PyTorch (relative max error "
+          f"{result['relative_error']:.2g})")
     return 0
 
 
+def _export_int8(a: argparse.Namespace) -> int:
+    """export --int8: fp32 and INT8 files, both evaluated; print the accuracies."""
+    from .quantize import export_int8_run
+
+    r = export_int8_run(a.run, a.onnx, calibration_images=a.calibration_images or 512)
+    print(f"wrote {r['onnx']} and {r['int8_onnx']} ({r['calibration_images']} calibration "
+          f"images, {r['calibration_method']})")
+    print(f"test accuracy on {r['test_images']} images: fp32 {r['onnx_test_acc']:.4f}, "
+          f"INT8 {r['int8_test_acc']:.4f}, identical predictions {r['int8_agreement']:.2%}")
+    return 0
+
+
+class Command(NamedTuple):
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# every subcommand, registered here and only here
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a baseline or an ACNet, deploy it at the end", add_train, cmd_train),
+    "eval": Command("evaluate a run's deployed model (robustness transforms)", add_eval,
+                    cmd_eval),
+    "deploy": Command("fuse a run's ACBlocks: write deployed.safetensors", add_deploy,
+                      cmd_deploy),
+    "export": Command("export a run's deployed model to ONNX (checked)", add_export, cmd_export),
+    "analyze": Command("kernel magnitude matrices or sparsity curves of runs", add_analyze,
+                       cmd_analyze),
+    "reproduce": Command("run a study's matrix and write its report", add_reproduce,
+                         cmd_reproduce),
+    "bench": Command("ACB training cost and deployed inference, as ratios", add_bench,
+                     cmd_bench),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``acnet`` parser with every subcommand of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="acnet", description="ACNet: train CNNs with Asymmetric Convolution Blocks, "
                                   "deploy the original architecture.")
     parser.add_argument("--version", action="version", version=f"acnet {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_train(sub)
-    p = sub.add_parser("eval", help="evaluate a run's deployed model (robustness transforms)")
-    p.add_argument("run", help="run directory or deployed .safetensors file")
-    p.add_argument("--dataset", help="default: the dataset it was trained on")
-    p.add_argument("--transform", choices=["none", "hflip", "vflip", "rot90"], default="none")
-    p.add_argument("--data-dir")
-    p.add_argument("--test-limit", type=_positive)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p = sub.add_parser("deploy", help="fuse a run's ACBlocks: write deployed.safetensors")
-    p.add_argument("run", help="run directory")
-    p = sub.add_parser("export", help="export a run's deployed model to ONNX (checked)")
-    p.add_argument("run", help="run directory or deployed .safetensors file")
-    p.add_argument("--onnx", required=True, help="output .onnx file")
-    from .cli_studies import add_study_commands
-
-    add_study_commands(sub)
+    for name, cmd in COMMANDS.items():
+        # train: options not given stay absent, so TrainConfig's defaults apply
+        default = argparse.SUPPRESS if name == "train" else None
+        cmd.add_arguments(sub.add_parser(name, help=cmd.help, description=cmd.help,
+                                         argument_default=default))
     return parser
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "deploy": cmd_deploy, "export": cmd_export}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    a = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
+    """Run one ``acnet`` command; ``argv`` defaults to this process's command line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = build_parser().parse_args(argv)
+    a.command_line = "acnet " + shlex.join(argv)
     level = logging.DEBUG if a.verbose else logging.INFO
-    if rank != 0:
+    if int(os.environ.get("RANK", "0")) != 0:
         level = logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    from .cli_studies import STUDY_COMMANDS
-
-    handler = {**COMMANDS, **STUDY_COMMANDS}[a.command]
     try:
-        return handler(a)
+        return COMMANDS[a.command].run(a)
     except KeyboardInterrupt:
         print("acnet: interrupted", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .block import ACBlock
+from .convert import deploy
 
 __all__ = ["export_onnx", "ExportMismatchError"]
 
@@ -37,25 +38,21 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
     raises :class:`ExportMismatchError` when it exceeds ``rtol``.
     """
     onnx, ort = _require()
-    from .convert import deploy
-
     if not (isinstance(input_shape, (tuple, list)) and len(input_shape) == 4
             and all(isinstance(v, int) and v > 0 for v in input_shape)):
         raise ValueError(f"input_shape must be (N, C, H, W) of positive ints, got {input_shape!r}")
+    if Path(path).is_dir():
+        raise ValueError(f"ONNX path {path} is a directory; give a file name such as "
+                         f"{Path(path) / 'model.onnx'}")
     if any(isinstance(m, ACBlock) for m in model.modules()):
         model = deploy(model)
-    model = model.eval()
-    ref = next(model.parameters(), torch.empty(0))
-    x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(seed)).to(
-        device=ref.device, dtype=ref.dtype)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dynamic_axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
-        expected = model(x)
-        torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["output"],
-                          opset_version=opset, dynamic_axes=dynamic_axes, dynamo=False)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        path, expected, x = _export(model, Path(path), input_shape, opset, dynamic_batch, seed)
+    finally:
+        for m, mode in modes:  # the caller's model keeps its train/eval mode
+            m.training = mode
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {"input": x.detach().cpu().float().numpy()})[0])
@@ -65,3 +62,19 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
         raise ExportMismatchError(
             f"onnxruntime differs from PyTorch: relative max error {err:.3g} > {rtol:g} ({path})")
     return err
+
+
+def _export(model: nn.Module, path: Path, input_shape: tuple[int, ...], opset: int,
+            dynamic_batch: bool, seed: int) -> tuple[Path, torch.Tensor, torch.Tensor]:
+    """torch.onnx.export of an eval-mode model; (path, PyTorch's output, the input)."""
+    ref = next(model.parameters(), torch.empty(0))
+    x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(seed)).to(
+        device=ref.device, dtype=ref.dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dynamic_axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+        expected = model(x)
+        torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["output"],
+                          opset_version=opset, dynamic_axes=dynamic_axes, dynamo=False)
+    return path, expected, x

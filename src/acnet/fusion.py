@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["fold_bn", "embed_kernel", "branch_offsets", "bn_identity_params"]
+__all__ = [
+    "fold_bn", "embed_kernel", "branch_offsets", "bn_identity_params", "tap_indices",
+    "merge_kernels", "bn_scale_shift",
+]
 
 
 def fold_bn(
@@ -51,6 +54,66 @@ def embed_kernel(kernel: Tensor, size: int, row: int, col: int) -> Tensor:
     out = kernel.new_zeros(*kernel.shape[:-2], size, size)
     out[..., row : row + kh, col : col + kw] = kernel
     return out
+
+
+def tap_indices(size: int, placements: list[tuple[int, int, int, int]]) -> Tensor:
+    """Where each branch's taps land in a flattened size×size kernel, for :func:`merge_kernels`.
+
+    ``placements`` holds (kh, kw, row, col) of each branch to add onto a full size×size
+    kernel; all must have the same number of taps (1×d and d×1 both have d). Returns a
+    (branches, taps) long tensor: row b lists the flat window positions of branch b's taps.
+    """
+    out = []
+    for kh, kw, row, col in placements:
+        if row < 0 or col < 0 or row + kh > size or col + kw > size:
+            raise ValueError(
+                f"a {kh}x{kw} kernel at ({row}, {col}) does not fit in a {size}x{size} kernel"
+            )
+        out.append([(row + i) * size + col + j for i in range(kh) for j in range(kw)])
+    if len({len(taps) for taps in out}) > 1:
+        raise ValueError(f"branches must have the same number of taps, got {placements}")
+    if not out:
+        return torch.zeros(0, 0, dtype=torch.long)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def merge_kernels(
+    kernels: list[Tensor], taps: Tensor, scales: list[Tensor] | None = None
+) -> Tensor:
+    """Σ_b scales[b] ⊙ embed(kernels[b]) as one (O, I, d, d) kernel, in a handful of ops.
+
+    ``kernels[0]`` is the full d×d kernel, ``kernels[b]`` (b ≥ 1) lands on the flat window
+    positions ``taps[b - 1]`` (from :func:`tap_indices`); ``scales`` holds one (O,) factor per
+    branch (None: all 1). One ``index_add`` per extra branch (each position once: exact and
+    deterministic), so the graph stays small forward and backward.
+    """
+    first = kernels[0]
+    out = first if scales is None else first * scales[0].view(-1, 1, 1, 1)
+    out = out.flatten(2)
+    for b in range(1, len(kernels)):
+        k = kernels[b] if scales is None else kernels[b] * scales[b].view(-1, 1, 1, 1)
+        out = out.index_add(2, taps[b - 1], k.flatten(2))
+    return out.view(first.shape)
+
+
+def bn_scale_shift(
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float | Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(scale, shift) of eval-mode BatchNorms: ``bn(y) == y * scale + shift`` per channel.
+
+    Works on stacked statistics too: every argument may carry leading branch dimensions
+    (``eps`` then a float or a tensor broadcasting against them).
+    """
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale if bias is None else torch.addcmul(bias, running_mean, scale,
+                                                                     value=-1)
+    return scale, shift
 
 
 def branch_offsets(kernel_size: int, position: str) -> tuple[int, int]:

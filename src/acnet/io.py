@@ -5,14 +5,21 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._text import first_line
+from .block import ACBlock
+
 __all__ = ["atomic_write_bytes", "save_checkpoint", "load_checkpoint", "save_deployed",
            "load_deployed", "save_json", "CheckpointError"]
+
+
+_ALIASES = "acnet_aliases"  # safetensors metadata: names that repeat another tensor
 
 
 class CheckpointError(RuntimeError):
@@ -67,31 +74,60 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:160]})") from exc
+            f"checkpoint {path} is corrupt or truncated ({first_line(exc)})") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
     return state
 
 
+def _unshare(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors safetensors can store, and aliases {name: name it repeats} for shared ones.
+
+    A module registered under two names, or tied weights, give one tensor several names: it is
+    stored once. Tensors that only partly overlap another one's memory are copied.
+    """
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in state.items():
+        t = t.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+               tuple(t.stride()), t.dtype, t.device)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        kept[name] = t
+    users = Counter(t.untyped_storage().data_ptr() for t in kept.values() if t.numel())
+    return {n: (t.clone() if t.numel() and users[t.untyped_storage().data_ptr()] > 1 else t)
+            .contiguous() for n, t in kept.items()}, aliases
+
+
 def save_deployed(model: nn.Module, path: str | os.PathLike,
                   metadata: dict[str, str] | None = None) -> None:
-    """Save a model's state_dict as safetensors (deploying it first if it still has ACBlocks)."""
+    """Atomically save a deployed model's state_dict as safetensors (shared tensors once).
+
+    The model must be deployed already (``acnet.deploy``): this only writes, it never changes
+    what is saved.
+    """
     from safetensors.torch import save as st_save
 
-    from .block import ACBlock
-    from .convert import deploy
-
     if any(isinstance(m, ACBlock) for m in model.modules()):
-        model = deploy(model)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    data = st_save(state, metadata=metadata)
-    atomic_write_bytes(path, data)
+        raise ValueError("save_deployed() got a model with ACBlocks: deploy it first "
+                         "(acnet.deploy(model)), then save")
+    metadata = dict(metadata or {})
+    if _ALIASES in metadata:
+        raise ValueError(f"metadata key {_ALIASES!r} is reserved by acnet")
+    state, aliases = _unshare(model.state_dict())
+    if aliases:
+        metadata[_ALIASES] = json.dumps(aliases, sort_keys=True)
+    atomic_write_bytes(path, st_save(state, metadata=metadata or None))
 
 
 def load_deployed(path: str | os.PathLike, model: nn.Module | None = None, *,
                   strict: bool = True, device: str = "cpu") -> dict[str, torch.Tensor] | nn.Module:
     """Read a safetensors file: the state_dict, or ``model`` with it loaded (strict by default)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -99,8 +135,12 @@ def load_deployed(path: str | os.PathLike, model: nn.Module | None = None, *,
         raise FileNotFoundError(f"no deployed weights at {path}")
     try:
         state = load_file(str(path), device=device)
+        with safe_open(str(path), "pt") as f:
+            aliases = json.loads((f.metadata() or {}).get(_ALIASES, "{}"))
     except Exception as exc:
         raise CheckpointError(f"{path} is not a valid safetensors file ({exc})") from exc
+    for name, target in aliases.items():
+        state[name] = state[target]
     if model is None:
         return state
     model.load_state_dict(state, strict=strict)

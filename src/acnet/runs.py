@@ -1,29 +1,39 @@
-"""Open a finished (or interrupted) run directory: its config, trained and deployed models."""
+"""Working with run directories: open, load, evaluate, deploy, export and analyze them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
+from .analysis import kernel_magnitude, plots, sparsity_study
+from .analysis.kernels import dominant_kernel_size
 from .convert import deploy
-from .io import load_checkpoint, load_deployed, save_deployed
-from .train.config import TrainConfig, build_base_model, build_training_model, load_config
+from .data import DATASETS
+from .evaluation import evaluate
+from .export import export_onnx
+from .io import CheckpointError, load_deployed
+from .train.config import TrainConfig, build_base_model, build_training_model
+from .train.data import Split, test_split
+from .train.rundir import RunDir
 
-__all__ = ["open_run", "load_trained", "load_deployed_model", "deploy_run", "run_metrics"]
+__all__ = ["open_run", "load_trained", "load_deployed_model", "deploy_run", "run_metrics",
+           "run_test_split", "evaluate_run", "export_run", "analyze_kernels",
+           "analyze_sparsity"]
 
 
-def open_run(path: str | Path) -> tuple[TrainConfig, Path]:
+def open_run(path: str | os.PathLike) -> tuple[TrainConfig, Path]:
     """(config, file or directory) for a run directory or a deployed .safetensors file."""
     path = Path(path)
     if path.is_dir():
-        return load_config(path), path
+        return RunDir(path).read_config(), path
     if path.is_file() and path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         if "acnet_config" not in meta:
@@ -33,29 +43,54 @@ def open_run(path: str | Path) -> tuple[TrainConfig, Path]:
     raise FileNotFoundError(f"{path} is neither a run directory nor a .safetensors file")
 
 
-def load_trained(run_dir: str | Path, device: str = "cpu") -> nn.Module:
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> nn.Module:
+    """``load_state_dict(strict=True)``; a mismatch is one clear CheckpointError."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{source} does not match the model its config describes "
+                              f"({detail})") from exc
+    return model
+
+
+def load_trained(run_dir: str | os.PathLike, device: str = "cpu") -> nn.Module:
     """The model as trained (ACBlocks for acb runs), with the last checkpoint's weights."""
     cfg, path = open_run(run_dir)
-    model = build_training_model(cfg)
-    state = load_checkpoint(Path(path) / "checkpoint.pt", map_location=device)
-    model.load_state_dict(state["model"])
+    run = RunDir(path)
+    state = run.load_checkpoint(map_location=device)
+    if "model" not in state:
+        raise CheckpointError(f"{run.checkpoint_file} holds no model weights")
+    model = _load_strict(build_training_model(cfg), state["model"], run.checkpoint_file)
     return model.to(device).eval()
 
 
-def load_deployed_model(path: str | Path, device: str = "cpu") -> nn.Module:
-    """The deployed base architecture with the run's deployed.safetensors (or a given file)."""
+def _add_conv_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give a bias to each conv whose deployed weights have one (``bias-added`` in the deploy
+    report: a conv with neither bias nor BN after it, e.g. DenseNet's), so a strict load works."""
+    for name, m in model.named_modules():
+        key = f"{name}.bias" if name else "bias"
+        if isinstance(m, nn.Conv2d) and m.bias is None and key in state:
+            m.bias = nn.Parameter(torch.zeros(m.out_channels, dtype=m.weight.dtype,
+                                              device=m.weight.device))
+
+
+def load_deployed_model(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
+    """The deployed base architecture with the run's deployed.safetensors (or a given file);
+    deployed from the checkpoint when the run has no deployed file yet."""
     cfg, p = open_run(path)
-    file = p if p.is_file() else p / "deployed.safetensors"
+    file = p if p.is_file() else RunDir(p).deployed_file
     if not file.is_file():
-        if p.is_dir() and (p / "checkpoint.pt").is_file():
+        if p.is_dir() and RunDir(p).has_checkpoint:
             return deploy(load_trained(p, device)).eval()
-        raise FileNotFoundError(f"no deployed.safetensors or checkpoint.pt in {p}")
+        raise FileNotFoundError(f"no deployed weights or checkpoint in {p}")
+    state = load_deployed(file, device=device)
     model = build_base_model(cfg)
-    load_deployed(file, model, strict=True, device=device)
-    return model.to(device).eval()
+    _add_conv_biases(model, state)
+    return _load_strict(model, state, file).to(device).eval()
 
 
-def deploy_run(run_dir: str | Path) -> tuple[Path, Any, float]:
+def deploy_run(run_dir: str | os.PathLike) -> tuple[Path, Any, float]:
     """Re-deploy a run from its checkpoint: writes deployed.safetensors; returns the report and
     the max |difference| between trained and deployed outputs on a random batch."""
     cfg, path = open_run(run_dir)
@@ -67,12 +102,103 @@ def deploy_run(run_dir: str | Path) -> tuple[Path, Any, float]:
                     generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (deployed(x) - trained(x)).abs().max().item()
-    out = path / "deployed.safetensors"
-    save_deployed(deployed, out, metadata={"acnet_config": cfg.to_json()})
+    out = RunDir(path).save_deployed(deployed, cfg)
     return out, deployed.acnet_report, diff
 
 
-def run_metrics(run_dir: str | Path) -> dict[str, Any] | None:
+def run_metrics(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """metrics.json of a finished run, or None."""
-    p = Path(run_dir) / "metrics.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    return RunDir(run_dir).read_metrics()
+
+
+def run_test_split(cfg: TrainConfig, *, transform: str = "none", test_limit: int | None = None,
+                   device: str = "cpu") -> Split:
+    """The test loader of a run's dataset: its own test limit unless ``test_limit`` is given."""
+    if test_limit is not None:
+        cfg = dataclasses.replace(cfg, test_limit=test_limit)
+    return test_split(cfg, device, transform=transform)
+
+
+def evaluate_run(path: str | os.PathLike, *, dataset: str | None = None,
+                 transform: str = "none", data_dir: str | None = None,
+                 test_limit: int | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Accuracy of a run's deployed model on its test set (the run's own test limit by
+    default), optionally on another dataset of the same shape and under a transform."""
+    cfg, _ = open_run(path)
+    if dataset is not None and dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    cfg = dataclasses.replace(cfg, dataset=dataset or cfg.dataset,
+                              data_dir=data_dir or cfg.data_dir)
+    split = run_test_split(cfg, transform=transform, test_limit=test_limit, device=device)
+    if split.in_channels != cfg.in_channels or split.num_classes != cfg.num_classes:
+        raise ValueError(f"{path} was trained on {cfg.in_channels}-channel images with "
+                         f"{cfg.num_classes} classes; {cfg.dataset} has {split.in_channels} and "
+                         f"{split.num_classes}")
+    acc, _ = evaluate(load_deployed_model(path, device=device), split.loader)
+    return {"run": str(path), "dataset": cfg.dataset, "transform": transform, "test_acc": acc,
+            "test_images": split.images}
+
+
+def _check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """An output file name, not a directory."""
+    p = Path(path)
+    if p.is_dir() or str(path).endswith((os.sep, "/")):
+        raise ValueError(f"{flag} {path} is a directory; give a file name, e.g. "
+                         f"{p / 'model.onnx'}")
+    return p
+
+
+def export_run(path: str | os.PathLike, onnx_path: str | os.PathLike) -> dict[str, Any]:
+    """Export a run's deployed model to ONNX, checked with onnxruntime; returns the file and
+    the relative max error of onnxruntime against PyTorch."""
+    out = _check_output_file(onnx_path, "--onnx")
+    cfg, _ = open_run(path)
+    size = cfg.input_size or 32
+    err = export_onnx(load_deployed_model(path), out, (1, cfg.in_channels, size, size))
+    return {"onnx": str(out), "relative_error": err}
+
+
+def analyze_kernels(runs: list[str | os.PathLike], kernel_size: int | None = None, *,
+                    figure: str | os.PathLike | None = None,
+                    json_path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """Kernel magnitude matrix of each run (keyed by the run's path as given); optionally
+    plotted (titled by directory name) and saved as JSON."""
+    if kernel_size is not None and (isinstance(kernel_size, bool) or kernel_size < 2):
+        raise ValueError(f"--kernel-size must be an integer >= 2, got {kernel_size!r}")
+    for run in runs:
+        open_run(run)  # a clear error for a path that is not a run, before any work
+    mats = {}
+    for run in runs:
+        trained = load_trained(run)
+        mats[str(run)] = kernel_magnitude(trained, kernel_size or dominant_kernel_size(trained))
+    if figure:
+        plots.heatmaps({Path(k).name: m for k, m in mats.items()}, figure,
+                       "average normalized kernel magnitude")
+    if json_path:
+        Path(json_path).write_text(json.dumps({Path(k).name: v.tolist() for k, v in mats.items()},
+                                              indent=2) + "\n")
+    return mats
+
+
+def analyze_sparsity(runs: list[str | os.PathLike], ratios: list[float], draws: int = 3, *,
+                     test_limit: int | None = None,
+                     figure: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Accuracy after zeroing kernel weights, per run and pattern; with ``figure``, the plot and
+    ``figure``'s .json beside it."""
+    if not ratios or any(not 0 <= r <= 1 for r in ratios):
+        raise ValueError(f"--ratios must be numbers in [0, 1], got {ratios!r}")
+    if draws < 1:
+        raise ValueError(f"--draws must be >= 1, got {draws}")
+    for run in runs:
+        open_run(run)
+    results = {}
+    for run in runs:
+        cfg, _ = open_run(run)
+        loader = run_test_split(cfg, test_limit=test_limit).loader
+        results[str(run)] = sparsity_study(load_trained(run), loader, ratios, draws)
+    if figure:
+        curves = {f"{Path(run).name}: {pattern}": cur
+                  for run, study in results.items() for pattern, cur in study.items()}
+        plots.sparsity_curves(curves, figure, "accuracy after zeroing kernel weights")
+        Path(figure).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    return results

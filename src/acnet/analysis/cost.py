@@ -1,14 +1,31 @@
-"""Inference cost: parameters, multiply-accumulates and measured latency."""
+"""Inference cost: parameters, multiply-accumulates, and interleaved timing as ratios."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["count_macs", "latency_ratio"]
+from ..evaluation import count_params
+
+__all__ = ["count_macs", "count_params", "eval_mode", "latency_ratio", "time_interleaved"]
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Every module in eval mode inside; each module's own train/eval mode restored after."""
+    saved = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in saved:
+            m.training = mode
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -30,32 +47,63 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
             hooks.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             hooks.append(m.register_forward_hook(linear_hook))
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(torch.zeros(1, *input_shape[1:]))
     finally:
         for h in hooks:
             h.remove()
-        model.train(was)
     return total
 
 
-def latency_ratio(models: dict[str, nn.Module], input_shape: tuple[int, ...], repeats: int = 30,
-                  warmup: int = 3) -> dict[str, float]:
-    """Median eval latency (ms) per model, interleaved in one process."""
-    x = torch.randn(*input_shape)
-    for m in models.values():
-        m.eval()
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.no_grad():
-        for _ in range(warmup):
-            for m in models.values():
-                m(x)
-        for _ in range(repeats):
-            for k, m in models.items():
-                t = time.perf_counter()
-                m(x)
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+def _sync_for(device: torch.device) -> Callable[[], None]:
+    """A device synchronization (CUDA) or nothing."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                     device: torch.device | str = "cpu") -> dict[str, float]:
+    """Median seconds per call of each function, interleaved (each repeat runs every function
+    once, in turn) after ``warmup`` rounds; synchronized around each call on CUDA."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    sync = _sync_for(torch.device(device))
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    sync()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            sync()
+            t = time.perf_counter()
+            f()
+            sync()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def latency_ratio(models: dict[str, nn.Module], input_shape: tuple[int, ...], *,
+                  repeats: int = 30, warmup: int = 3, device: torch.device | str = "cpu",
+                  baseline: str | None = None) -> dict[str, dict[str, float]]:
+    """Eval-mode, no-grad latency of each model on one random input of ``input_shape``,
+    interleaved: ``{"ms": {name: median ms}, "ratio": {name: ms / baseline's ms}}``.
+
+    ``baseline`` defaults to the first model; every module's train/eval mode is restored.
+    """
+    if not models:
+        raise ValueError("latency_ratio needs at least one model")
+    baseline = baseline or next(iter(models))
+    if baseline not in models:
+        raise ValueError(f"baseline {baseline!r} is not one of {list(models)}")
+    x = torch.randn(*input_shape, device=device)
+
+    def call(m: nn.Module) -> Callable[[], object]:
+        return lambda: m(x)
+
+    with eval_mode(*models.values()), torch.no_grad():
+        med = time_interleaved({k: call(m) for k, m in models.items()}, repeats, warmup, device)
+    return {"ms": {k: v * 1e3 for k, v in med.items()},
+            "ratio": {k: v / med[baseline] for k, v in med.items()}}

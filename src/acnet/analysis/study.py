@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from ..data.loader import TRANSFORMS
+from ..evaluation import evaluate
 from .kernels import PATTERNS, dominant_kernel_size, sparsify
 
 __all__ = ["sparsity_study", "robustness"]
@@ -17,8 +19,6 @@ def sparsity_study(model: nn.Module, test_loader, ratios: list[float], draws: in
                    kernel_size: int | None = None) -> dict[str, Any]:
     """Accuracy (mean, std over ``draws`` random masks) for each pattern and ratio, zeroing
     weights of the d×d kernels (d: the model's most common square kernel size by default)."""
-    from ..train.engine import evaluate
-
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     d = kernel_size or dominant_kernel_size(model)
@@ -42,7 +42,4 @@ def robustness(model: nn.Module, make_loader) -> dict[str, float]:
 
     ``make_loader(transform)`` returns a test loader applying that transform.
     """
-    from ..data.loader import TRANSFORMS
-    from ..train.engine import evaluate
-
     return {t: evaluate(model, make_loader(t))[0] for t in TRANSFORMS}

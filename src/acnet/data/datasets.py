@@ -13,7 +13,8 @@ from .idx import read_idx
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImageData", "DatasetNotFoundError", "load_dataset", "DATASETS", "FMNIST_DIRS"]
+__all__ = ["ImageData", "DatasetNotFoundError", "load_dataset", "check_data_dir", "DATASETS",
+           "FMNIST_DIRS"]
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic")
 FMNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -57,10 +58,31 @@ def _stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return (tuple(xf.mean((0, 2, 3)).tolist()), tuple(xf.std((0, 2, 3)).tolist()))
 
 
+_HINTS = {
+    "fashion-mnist": "install it with 'apt-get install dataset-fashion-mnist', or pass "
+                     "--data-dir DIR, or --download",
+    "cifar10": "pass --data-dir DIR holding the extracted CIFAR python archive, or --download",
+    "imagenet": "pass --data-dir DIR with train/ and val/ ImageFolders",
+}
+_HINTS["cifar100"] = _HINTS["cifar10"]
+
+
+def check_data_dir(data_dir: str | None, download: bool = False, dataset: str = "") -> None:
+    """A ``--data-dir`` that does not exist is an error for every dataset (unless downloading
+    into it): never a silent fallback to the default location."""
+    if data_dir and not download and not Path(data_dir).is_dir():
+        hint = _HINTS.get(dataset, "pass an existing directory")
+        raise DatasetNotFoundError(f"--data-dir {data_dir} does not exist or is not a directory; "
+                                   f"{hint}")
+
+
 def _find_fmnist(data_dir: str | None) -> Path | None:
-    dirs = [data_dir] if data_dir else []
-    dirs += [os.environ["ACNET_FMNIST_DIR"]] if os.environ.get("ACNET_FMNIST_DIR") else []
-    dirs += list(FMNIST_DIRS)
+    """Where the IDX files are: only ``data_dir`` when given, else the usual places."""
+    if data_dir:
+        dirs = [data_dir]
+    else:
+        dirs = [os.environ["ACNET_FMNIST_DIR"]] if os.environ.get("ACNET_FMNIST_DIR") else []
+        dirs += list(FMNIST_DIRS)
     for d in dirs:
         for sub in ("", "FashionMNIST/raw", "fashion-mnist"):
             p = Path(d, sub)
@@ -74,8 +96,12 @@ def _idx_file(d: Path, stem: str) -> Path:
     return gz if gz.is_file() else d / stem
 
 
-def load_fashion_mnist(data_dir: str | None = None, download: bool = False) -> ImageData:
-    """Fashion-MNIST from the IDX files (Debian's dataset-fashion-mnist, ``data_dir``, download)."""
+def load_fashion_mnist(data_dir: str | None = None, download: bool = False, *,
+                       train: bool = True) -> ImageData:
+    """Fashion-MNIST from the IDX files (Debian's dataset-fashion-mnist, ``data_dir``, download).
+
+    ``train=False`` reads only the test files (the training split is left empty).
+    """
     d = _find_fmnist(data_dir)
     if d is None and download:
         import torchvision
@@ -85,13 +111,16 @@ def load_fashion_mnist(data_dir: str | None = None, download: bool = False) -> I
         torchvision.datasets.FashionMNIST(root, train=False, download=True)
         d = _find_fmnist(root)
     if d is None:
-        looked = ", ".join(([data_dir] if data_dir else []) + list(FMNIST_DIRS))
+        looked = data_dir or ", ".join(FMNIST_DIRS)
         raise DatasetNotFoundError(
             f"Fashion-MNIST not found (looked in {looked}); install it with "
             f"'apt-get install dataset-fashion-mnist', or pass --data-dir DIR, or --download")
-    tx = read_idx(_idx_file(d, "train-images-idx3-ubyte")).unsqueeze(1)
-    ty = read_idx(_idx_file(d, "train-labels-idx1-ubyte")).long()
     vx = read_idx(_idx_file(d, "t10k-images-idx3-ubyte")).unsqueeze(1)
+    if train:
+        tx = read_idx(_idx_file(d, "train-images-idx3-ubyte")).unsqueeze(1)
+        ty = read_idx(_idx_file(d, "train-labels-idx1-ubyte")).long()
+    else:
+        tx, ty = vx[:0], torch.zeros(0, dtype=torch.long)
     vy = read_idx(_idx_file(d, "t10k-labels-idx1-ubyte")).long()
     return ImageData("fashion-mnist", tx, ty, vx, vy, 10, (0.2860,), (0.3530,), 2, True)
 
@@ -141,10 +170,18 @@ def synthetic(num_train: int = 2048, num_test: int = 512, *, channels: int = 3, 
     return ImageData("synthetic", tx, ty, vx, vy, num_classes, mean, std, 2, True)
 
 
-def load_dataset(name: str, data_dir: str | None = None, download: bool = False) -> ImageData:
-    """Load a small dataset into memory by name (``imagenet`` is streamed: see folder.py)."""
+def load_dataset(name: str, data_dir: str | None = None, download: bool = False, *,
+                 train: bool = True) -> ImageData:
+    """Load a small dataset into memory by name (``imagenet`` is streamed: see folder.py).
+
+    ``train=False`` may skip reading the training split where its statistics are not needed
+    (Fashion-MNIST); a ``data_dir`` that does not exist is an error for every dataset.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    check_data_dir(data_dir, download, name)
     if name == "fashion-mnist":
-        return load_fashion_mnist(data_dir, download)
+        return load_fashion_mnist(data_dir, download, train=train)
     if name in ("cifar10", "cifar100"):
         return load_cifar(name, data_dir, download)
     if name == "synthetic":

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-from .datasets import DatasetNotFoundError
+from .datasets import DatasetNotFoundError, check_data_dir
+from .loader import apply_transform
 
-__all__ = ["FolderLoader", "imagenet_loaders"]
+__all__ = ["FolderLoader", "imagenet_train_loader", "imagenet_test_loader"]
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -33,39 +34,59 @@ class FolderLoader:
             yield (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
 
 
-def imagenet_loaders(root: str | None, batch_size: int, *, device: torch.device, workers: int = 8,
-                     rank: int = 0, world: int = 1, seed: int = 0, image_size: int = 224,
-                     train_limit: int | None = None, transform: str = "none"):
-    """(train, val, num_classes) loaders over ``root/train`` and ``root/val`` ImageFolders."""
+def _torchvision():
+    """torchvision's datasets and transforms, or an ImportError naming the extra."""
     try:
-        from torchvision import datasets
-        from torchvision import transforms as T
+        from torchvision import datasets, transforms
     except ImportError as exc:
         raise ImportError("imagenet needs torchvision: pip install 'acnet[vision]'") from exc
-    from .loader import apply_transform
+    return datasets, transforms
 
+
+def _split_dir(root: str | None, split: str) -> Path:
+    """``root/split``, checked: a missing --data-dir or split folder is a clear error."""
+    check_data_dir(root, dataset="imagenet")
     base = Path(root or "data/imagenet")
-    if not (base / "train").is_dir() or not (base / "val").is_dir():
+    if not (base / split).is_dir():
         raise DatasetNotFoundError(
             f"ImageNet not found: expected {base.resolve()}/train and /val ImageFolders "
             f"(one folder per class); pass --data-dir DIR")
-    norm = T.Normalize(MEAN, STD)
-    train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(),
-                          norm])
-    val_tf = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size),
-                        T.ToTensor(), norm,
-                        T.Lambda(lambda x: apply_transform(x[None], transform)[0])])
-    train = datasets.ImageFolder(str(base / "train"), train_tf)
-    val = datasets.ImageFolder(str(base / "val"), val_tf)
+    return base / split
+
+
+def imagenet_train_loader(root: str | None, batch_size: int, *, device: torch.device,
+                          workers: int = 8, rank: int = 0, world: int = 1, seed: int = 0,
+                          image_size: int = 224, train_limit: int | None = None
+                          ) -> tuple[FolderLoader, int, int]:
+    """(loader, num_classes, images) over ``root/train``, sharded over ``world`` ranks."""
+    datasets, transforms = _torchvision()
+    tf = transforms.Compose([transforms.RandomResizedCrop(image_size),
+                             transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                             transforms.Normalize(MEAN, STD)])
+    folder = datasets.ImageFolder(str(_split_dir(root, "train")), tf)
+    train = folder
     if train_limit:
-        train = torch.utils.data.Subset(train, range(min(train_limit, len(train))))
+        train = torch.utils.data.Subset(folder, range(min(train_limit, len(folder))))
     sampler = (torch.utils.data.distributed.DistributedSampler(train, world, rank, seed=seed)
                if world > 1 else torch.utils.data.RandomSampler(
                    train, generator=torch.Generator().manual_seed(seed)))
-    per_rank = max(1, batch_size // world)
-    tl = torch.utils.data.DataLoader(train, per_rank, sampler=sampler, num_workers=workers,
-                                     pin_memory=device.type == "cuda", drop_last=True,
-                                     persistent_workers=workers > 0)
-    vl = torch.utils.data.DataLoader(val, per_rank, shuffle=False, num_workers=workers,
-                                     pin_memory=device.type == "cuda")
-    return FolderLoader(tl, device), FolderLoader(vl, device), len(val.classes)
+    loader = torch.utils.data.DataLoader(train, max(1, batch_size // world), sampler=sampler,
+                                         num_workers=workers, pin_memory=device.type == "cuda",
+                                         drop_last=True, persistent_workers=workers > 0)
+    return FolderLoader(loader, device), len(folder.classes), len(train)
+
+
+def imagenet_test_loader(root: str | None, batch_size: int, *, device: torch.device,
+                         workers: int = 8, image_size: int = 224, transform: str = "none"
+                         ) -> tuple[FolderLoader, int]:
+    """(loader, num_classes) over ``root/val`` (resize, centre crop, then ``transform``)."""
+    datasets, transforms = _torchvision()
+    apply_transform(torch.zeros(1, 1, 2, 2), transform)  # validate early
+    tf = transforms.Compose([
+        transforms.Resize(int(image_size * 256 / 224)), transforms.CenterCrop(image_size),
+        transforms.ToTensor(), transforms.Normalize(MEAN, STD),
+        transforms.Lambda(lambda x: apply_transform(x[None], transform)[0])])
+    val = datasets.ImageFolder(str(_split_dir(root, "val")), tf)
+    loader = torch.utils.data.DataLoader(val, batch_size, shuffle=False, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    return FolderLoader(loader, device), len(val.classes)

@@ -1,6 +1,8 @@
 """Reproducing the paper's studies: presets (run matrices), the runner and the report."""
 
-from .presets import STUDY_PRESETS, runs_of
-from .reproduce import reproduce
+from .presets import ABLATION, STUDY_PRESETS, StudyPreset, runs_of
+from .report import write_report
+from .reproduce import analyze_runs, reproduce, summary
 
-__all__ = ["STUDY_PRESETS", "reproduce", "runs_of"]
+__all__ = ["ABLATION", "STUDY_PRESETS", "StudyPreset", "analyze_runs", "reproduce", "runs_of",
+           "summary", "write_report"]

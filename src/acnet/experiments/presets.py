@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["StudyPreset", "STUDY_PRESETS", "RunSpec", "runs_of"]
+__all__ = ["ABLATION", "ACNET", "BASE", "CORNER", "RunSpec", "STUDY_PRESETS", "StudyPreset",
+           "Variant", "runs_of"]
 
 
 @dataclass
@@ -58,13 +59,27 @@ STUDY_PRESETS: dict[str, StudyPreset] = {
         description="torchvision ResNet-18 on ImageNet, 90 epochs (multi-GPU via torchrun)"),
 }
 
-ABLATION = {  # label -> TrainConfig overrides (the paper's Table 4 rows, plus the corner variant)
-    "base": {"block": "base"},
-    "+horizontal": {"block": "acb", "vertical": False},
-    "+vertical": {"block": "acb", "horizontal": False},
-    "+both, no branch BN": {"block": "acb", "branch_bn": False},
-    "+both, branch BN (ACNet)": {"block": "acb"},
-    "corner ACNet": {"block": "acb", "position": "corner"},
+@dataclass(frozen=True)
+class Variant:
+    """One row of the ablation: its display label and its TrainConfig overrides."""
+
+    label: str
+    options: dict[str, Any]
+
+
+BASE, ACNET, CORNER = "base", "acb", "corner"  # the slugs the report compares
+
+# slug -> variant: the paper's Table 4 rows, the online ACB (branch scales, no branch BN) and
+# the corner variant, in report order; the slug names the run directories
+ABLATION: dict[str, Variant] = {
+    BASE: Variant("base", {"block": "base"}),
+    "hor": Variant("+horizontal", {"block": "acb", "vertical": False}),
+    "ver": Variant("+vertical", {"block": "acb", "horizontal": False}),
+    "nobn": Variant("+both, no branch BN", {"block": "acb", "branch_bn": False}),
+    "online": Variant("+both, branch scales, no branch BN (online ACNet)",
+                      {"block": "acb", "branch_bn": False, "branch_scale": True}),
+    ACNET: Variant("+both, branch BN (ACNet)", {"block": "acb"}),
+    CORNER: Variant("corner ACNet", {"block": "acb", "position": "corner"}),
 }
 
 
@@ -75,26 +90,25 @@ class RunSpec:
     name: str
     model: str
     seed: int
-    label: str
+    variant: str  # slug in ABLATION
     config: dict[str, Any]
 
-
-def _slug(label: str) -> str:
-    return {"base": "base", "+horizontal": "hor", "+vertical": "ver",
-            "+both, no branch BN": "nobn", "+both, branch BN (ACNet)": "acb",
-            "corner ACNet": "corner"}[label]
+    @property
+    def label(self) -> str:
+        return ABLATION[self.variant].label
 
 
-def runs_of(preset: StudyPreset) -> list[RunSpec]:
-    """Every run of the preset: models × {base, acb} × seeds, plus the ablation variants."""
+def runs_of(preset: StudyPreset, seeds: tuple[int, ...] | None = None) -> list[RunSpec]:
+    """Every run of the preset: models × {base, acb} × seeds, plus the ablation variants of
+    the ablation model (``seeds`` replaces the preset's)."""
     runs: dict[str, RunSpec] = {}
     for model in preset.models:
-        labels = (list(ABLATION) if model == preset.ablation_model
-                  else ["base", "+both, branch BN (ACNet)"])
-        for seed in preset.seeds:
-            for label in labels:
+        variants = list(ABLATION) if model == preset.ablation_model else [BASE, ACNET]
+        for seed in seeds or preset.seeds:
+            for slug in variants:
                 cfg = {"model": model, "dataset": preset.dataset, "seed": seed, "quiet": True,
-                       **preset.train, **preset.per_model.get(model, {}), **ABLATION[label]}
-                name = f"{model.replace(':', '_')}-{_slug(label)}-s{seed}"
-                runs[name] = RunSpec(name, model, seed, label, cfg)
+                       **preset.train, **preset.per_model.get(model, {}),
+                       **ABLATION[slug].options}
+                name = f"{model.replace(':', '_')}-{slug}-s{seed}"
+                runs[name] = RunSpec(name, model, seed, slug, cfg)
     return list(runs.values())

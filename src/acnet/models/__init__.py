@@ -8,7 +8,7 @@ from torch import nn
 
 from . import cifar
 
-__all__ = ["MODELS", "build_model", "model_names"]
+__all__ = ["MODELS", "build_model", "check_model_name", "model_names"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "cifar_quick": cifar.cifar_quick,
@@ -42,35 +42,55 @@ def _first_conv_to(model: nn.Module, in_channels: int) -> nn.Module:
     return model
 
 
-def build_model(name: str, *, in_channels: int = 3, num_classes: int = 10) -> nn.Module:
-    """Build a model by name; raises ValueError for an unknown one."""
+def _torchvision():
+    """torchvision, or an ImportError naming the extra."""
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise ImportError("tv: models need torchvision: pip install 'acnet[vision]'") from exc
+    return torchvision
+
+
+def _timm():
+    """timm, or an ImportError naming the package."""
+    try:
+        import timm
+    except ImportError as exc:
+        raise ImportError("timm: models need timm: pip install timm") from exc
+    return timm
+
+
+def check_model_name(name: str) -> None:
+    """Raise ValueError for a name :func:`build_model` cannot build (without building it)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
     if name in MODELS:
+        return
+    if name.startswith("tv:"):
+        torchvision = _torchvision()
+        available = torchvision.models.list_models(module=torchvision.models)
+        if name[3:] not in available:
+            raise ValueError(f"unknown torchvision classification model {name[3:]!r}; "
+                             f"e.g. {', '.join(available[:6])}, ...")
+    elif name.startswith("timm:"):
+        if not _timm().is_model(name[5:]):
+            raise ValueError(f"unknown timm model {name[5:]!r}")
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}, "
+                         f"tv:NAME (torchvision) or timm:NAME")
+
+
+def build_model(name: str, *, in_channels: int = 3, num_classes: int = 10) -> nn.Module:
+    """Build a model by name; raises ValueError for an unknown one."""
+    check_model_name(name)
+    if name in MODELS:
         return MODELS[name](in_channels=in_channels, num_classes=num_classes)
     if name.startswith("tv:"):
-        try:
-            import torchvision
-        except ImportError as exc:
-            raise ImportError("tv: models need torchvision: pip install 'acnet[vision]'") from exc
         tv_name = name[3:]
-        available = torchvision.models.list_models(module=torchvision.models)
-        if tv_name not in available:
-            raise ValueError(f"unknown torchvision classification model {tv_name!r}; "
-                             f"e.g. {', '.join(available[:6])}, ...")
         kwargs = {"num_classes": num_classes, "weights": None}
         if tv_name in ("googlenet", "inception_v3"):
             kwargs.update(aux_logits=False, init_weights=True)
-        return _first_conv_to(torchvision.models.get_model(tv_name, **kwargs), in_channels)
-    if name.startswith("timm:"):
-        try:
-            import timm
-        except ImportError as exc:
-            raise ImportError("timm: models need timm: pip install timm") from exc
-        timm_name = name[5:]
-        if not timm.is_model(timm_name):
-            raise ValueError(f"unknown timm model {timm_name!r}")
-        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes,
-                                 in_chans=in_channels)
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}, "
-                     f"tv:NAME (torchvision) or timm:NAME")
+        model = _torchvision().models.get_model(tv_name, **kwargs)
+        return _first_conv_to(model, in_channels)
+    return _timm().create_model(name[5:], pretrained=False, num_classes=num_classes,
+                                in_chans=in_channels)

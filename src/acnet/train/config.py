@@ -6,17 +6,19 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-__all__ = ["TrainConfig", "PRESETS", "resolve", "build_training_model", "build_base_model",
-           "load_config"]
+from ..convert import convert
+from ..models import build_model, check_model_name
+
+__all__ = ["TrainConfig", "MODEL_DEFAULTS", "RUNTIME_FIELDS", "resolve", "build_training_model",
+           "build_base_model", "settings_diff"]
 
 # The official ACNet repo's CIFAR settings: batch 128, cosine, lr 0.1 (0.2 for ResNet-56),
 # weight decay 1e-4 (5e-4 for WRN-16-8), gamma_init 1/3 for the ACB branches.
-PRESETS: dict[str, dict[str, Any]] = {
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "cifar_quick": {"epochs": 150, "lr": 0.1, "weight_decay": 1e-4},
     "vgg16": {"epochs": 400, "lr": 0.1, "weight_decay": 1e-4},
     "resnet20": {"epochs": 400, "lr": 0.1, "weight_decay": 1e-4},
@@ -29,6 +31,8 @@ _DEFAULT = {"epochs": 90, "lr": 0.1, "weight_decay": 1e-4}
 
 # fields that may differ between a run and its --resume (they do not change the result on CPU)
 RUNTIME_FIELDS = {"device", "quiet", "workers", "data_dir", "download"}
+# filled from the dataset at run time
+DATA_FIELDS = {"in_channels", "num_classes", "input_size"}
 
 
 @dataclass
@@ -52,9 +56,11 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     channels_last: bool = True
+    compile: bool = False
     horizontal: bool = True
     vertical: bool = True
     branch_bn: bool = True
+    branch_scale: bool = False
     position: str = "center"
     gamma_init: float | None = None
     sync_bn: bool = False
@@ -70,10 +76,12 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
+        """Indented JSON with sorted keys."""
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """From a dict (e.g. config.json); unknown fields are a ValueError."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -81,23 +89,38 @@ class TrainConfig:
         return cls(**d)
 
 
-def _check(cfg: TrainConfig) -> None:
-    def positive_int(name):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+def _positive_int(cfg: TrainConfig, name: str, optional: bool = False) -> None:
+    """``cfg.name`` is an int >= 1 (or None when optional)."""
+    v = getattr(cfg, name)
+    if optional and v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
 
-    for name in ("epochs", "batch_size"):
-        positive_int(name)
-    for name in ("train_limit", "test_limit"):
-        if getattr(cfg, name) is not None:
-            positive_int(name)
+
+def _check_choices(cfg: TrainConfig) -> None:
+    """Model name, block, position and device are known; ACB-only options need acb."""
+    check_model_name(cfg.model)
     if cfg.block not in ("acb", "base"):
         raise ValueError(f"--block must be 'acb' or 'base', got {cfg.block!r}")
     if cfg.position not in ("center", "corner"):
         raise ValueError(f"--position must be 'center' or 'corner', got {cfg.position!r}")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.block == "base" and cfg.gamma_init is not None:
+        raise ValueError(f"--gamma-init {cfg.gamma_init} sets the BN scale of ACBlocks: it needs "
+                         f"--block acb, got --block base")
+    if cfg.branch_scale and (cfg.branch_bn or cfg.block != "acb"):
+        raise ValueError("--branch-scale (online ACB) needs --block acb and --no-branch-bn")
+
+
+def _check(cfg: TrainConfig) -> None:
+    """Validate a resolved config; ValueError naming the bad option."""
+    for name in ("epochs", "batch_size"):
+        _positive_int(cfg, name)
+    for name in ("train_limit", "test_limit"):
+        _positive_int(cfg, name, optional=True)
+    _check_choices(cfg)
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
     if not cfg.weight_decay >= 0:
@@ -110,7 +133,7 @@ def _check(cfg: TrainConfig) -> None:
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill preset values and validate; returns a new config."""
-    preset = PRESETS.get(cfg.model, _DEFAULT)
+    preset = MODEL_DEFAULTS.get(cfg.model, _DEFAULT)
     values = dataclasses.asdict(cfg)
     for key in ("epochs", "lr", "weight_decay"):
         if values[key] is None:
@@ -122,35 +145,35 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return out
 
 
+def settings_diff(mine: TrainConfig, theirs: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """{field: (mine, theirs)} for the settings that change a run's result (runtime fields such
+    as the device and the data location are not compared)."""
+    a, b = dataclasses.asdict(mine), dataclasses.asdict(theirs)
+    return {k: (a[k], b.get(k)) for k in a
+            if k not in RUNTIME_FIELDS | DATA_FIELDS and a[k] != b.get(k)}
+
+
 def build_base_model(cfg: TrainConfig) -> nn.Module:
     """The deployable architecture (the model as built, before any ACB conversion)."""
-    from ..models import build_model
-
     if cfg.in_channels is None or cfg.num_classes is None:
         raise ValueError("config lacks in_channels/num_classes (not a finished acnet run config)")
     return build_model(cfg.model, in_channels=cfg.in_channels, num_classes=cfg.num_classes)
 
 
+def acb_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The ACBlock options of ``convert(preserve=False, **options)`` for an acb run."""
+    opts: dict[str, Any] = {"horizontal": cfg.horizontal, "vertical": cfg.vertical,
+                            "branch_bn": cfg.branch_bn, "position": cfg.position}
+    if cfg.branch_scale:
+        opts["branch_scale"] = True
+    if cfg.gamma_init is not None:
+        opts["gamma_init"] = cfg.gamma_init
+    return opts
+
+
 def build_training_model(cfg: TrainConfig) -> nn.Module:
     """The model as trained: the base model, converted to ACNet for ``block='acb'``."""
-    from ..convert import convert
-
     model = build_base_model(cfg)
     if cfg.block == "acb":
-        opts: dict[str, Any] = {"horizontal": cfg.horizontal, "vertical": cfg.vertical,
-                                "branch_bn": cfg.branch_bn, "position": cfg.position}
-        if cfg.gamma_init is not None:
-            opts["gamma_init"] = cfg.gamma_init
-        model = convert(model, preserve=False, inplace=True, **opts)
+        model = convert(model, preserve=False, inplace=True, **acb_options(cfg))
     return model
-
-
-def load_config(run_dir: str | Path) -> TrainConfig:
-    """Read ``run_dir/config.json``."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not an acnet run directory (no config.json)")
-    try:
-        return TrainConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise ValueError(f"{path} is not a valid acnet config ({exc})") from exc

@@ -13,7 +13,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistInfo", "setup", "teardown", "average_bn_stats", "ranks_agree", "barrier"]
+__all__ = ["DistInfo", "setup", "teardown", "average_bn_stats", "ranks_agree", "barrier",
+           "any_rank"]
 
 
 @dataclass
@@ -97,3 +98,12 @@ def ranks_agree(model: nn.Module, info: DistInfo) -> bool:
     gathered: list[str | None] = [None] * info.world
     dist.all_gather_object(gathered, digest)
     return all(g == digest for g in gathered)
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True when ``flag`` is true on at least one rank (every rank gets the same answer)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

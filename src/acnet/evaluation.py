@@ -1,0 +1,82 @@
+"""Evaluating a model on a loader: accuracy, logits, the exact float32 deployment check."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["count_params", "evaluate", "exact_float32", "compare_models"]
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (every element of every parameter tensor)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def exact_float32(device: torch.device | str = "cpu") -> Iterator[None]:
+    """No autocast and no TF32 inside: float32 models compute in float32, on any device."""
+    device = torch.device(device)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast(device.type, enabled=False))
+        if device.type == "cuda":
+            for owner in (torch.backends.cudnn, torch.backends.cuda.matmul):
+                stack.callback(setattr, owner, "allow_tf32", owner.allow_tf32)
+                owner.allow_tf32 = False
+        yield
+
+
+def _autocast(amp: bool, x: torch.Tensor):
+    """bf16 autocast for CUDA inputs when ``amp``, else nothing."""
+    if amp and x.is_cuda:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[Any], *, amp: bool = False,
+             keep_logits: bool = False, check_finite: bool = False
+             ) -> tuple[float, torch.Tensor | None]:
+    """Top-1 accuracy on ``loader`` (and the concatenated logits, if asked).
+
+    ``amp``: bf16 autocast on CUDA. ``check_finite``: raise FloatingPointError when an output
+    is NaN or infinite. The model's train/eval mode is restored afterwards.
+    """
+    was = model.training
+    model.eval()
+    correct = total = 0
+    outs = []
+    try:
+        for x, y in loader:
+            with _autocast(amp, x):
+                logits = model(x)
+            logits = logits.float()
+            if check_finite and not torch.isfinite(logits).all():
+                raise FloatingPointError("the model's outputs are not finite (NaN or infinity)")
+            correct += (logits.argmax(1) == y).sum().item()
+            total += y.numel()
+            if keep_logits:
+                outs.append(logits.cpu())
+    finally:
+        model.train(was)
+    return correct / max(total, 1), (torch.cat(outs) if keep_logits else None)
+
+
+def compare_models(trained: nn.Module, deployed: nn.Module, loader: Iterable[Any], *,
+                   device: torch.device | str = "cpu") -> dict[str, float]:
+    """Accuracy of both models and how far apart they are, in exact float32 (no autocast/TF32).
+
+    Returns ``test_acc``, ``deployed_test_acc``, ``max_abs_diff_deploy`` (max |logit
+    difference|) and ``prediction_agreement`` (share of identical top-1 predictions).
+    """
+    with exact_float32(device):
+        acc, logits = evaluate(trained, loader, keep_logits=True, check_finite=True)
+        dep_acc, dep_logits = evaluate(deployed, loader, keep_logits=True, check_finite=True)
+    return {"test_acc": acc, "deployed_test_acc": dep_acc,
+            "max_abs_diff_deploy": (dep_logits - logits).abs().max().item(),
+            "prediction_agreement":
+                (dep_logits.argmax(1) == logits.argmax(1)).float().mean().item()}

@@ -1,0 +1,42 @@
+"""`acnet bench`: the online and torch.compile'd variants, several batch sizes, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def test_bench_compiled_and_online_variants_at_two_batches(monkeypatch):
+    """--compile adds compiled base/ACB/online rows with their compile time (Dynamo's eager
+    backend here, to stay fast); every batch gets training rows, inference also batch 1."""
+    from acnet.bench import format_table, run_bench
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, backend="eager", **kw))
+    res = run_bench(models=("cifar_quick",), repeats=1, warmup=0, batch=(4, 8),
+                    conversion=False, compile=True)
+    assert [r["batch"] for r in res["training"]] == [4, 8]
+    tr = res["training"][0]
+    assert set(tr["ratio"]) == {"base", "acb", "acb_no_branch_bn", "acb_online",
+                                "straightforward_acb", "base_compiled", "acb_compiled",
+                                "acb_online_compiled"}
+    assert tr["ratio"]["base"] == 1.0 and all(v > 0 for v in tr["ms"].values())
+    assert set(tr["compile_s"]) == {"base_compiled", "acb_compiled", "acb_online_compiled"}
+    assert len(tr["load_avg"]) == 2
+    assert [r["batch"] for r in res["inference"]] == [1, 4, 8]
+    inf = res["inference"][0]
+    assert inf["unfused_vs_deployed"] == pytest.approx(
+        inf["ms"]["acnet_unfused"] / inf["ms"]["acnet_deployed"])
+    assert "online_unfused" in inf["ratio"]
+    table = format_table(res)
+    assert "under torch.compile" in table and "online ACB" in table
+    assert "unfused / deployed" in table
+
+
+@pytest.mark.parametrize("batch", ["0", "64,x", ""])
+def test_bench_rejects_bad_batch_lists(capsys, batch):
+    from acnet.cli import main
+
+    assert main(["bench", "--models", "cifar_quick", "--batch", batch]) == 2
+    err = capsys.readouterr().err
+    assert "--batch must be comma-separated positive integers" in err and "Traceback" not in err
