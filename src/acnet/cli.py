@@ -24,6 +24,7 @@ from .cli_studies import (
 from .data import DATASETS, TRANSFORMS
 from .export import ExportMismatchError
 from .io import CheckpointError
+from .quantize import export_int8_run
 from .runs import deploy_run, evaluate_run, export_run
 from .train import TrainConfig, train
 
@@ -170,8 +171,6 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def _export_int8(a: argparse.Namespace) -> int:
     """export --int8: fp32 and INT8 files, both evaluated; print the accuracies."""
-    from .quantize import export_int8_run
-
     r = export_int8_run(a.run, a.onnx, calibration_images=a.calibration_images or 512)
     print(f"wrote {r['onnx']} and {r['int8_onnx']} ({r['calibration_images']} calibration "
           f"images, {r['calibration_method']})")

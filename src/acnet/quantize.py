@@ -21,6 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import DatasetNotFoundError
+from .data.loader import normalize
+from .export import export_onnx
+from .runs import export_run, open_run
+from .train.data import in_memory_data, test_split
+from .train.rundir import RunDir
+
 log = logging.getLogger(__name__)
 
 __all__ = ["CALIBRATION_METHODS", "DEFAULT_METHOD", "OnnxEvaluation", "calibration_array",
@@ -171,7 +178,6 @@ def quantize_model(model: nn.Module, onnx_path: str | os.PathLike, calibration: 
                    num_images: int | None = None, **options: Any) -> tuple[Path, Path]:
     """Export ``model`` (deployed or with ACBlocks) to fp32 ONNX at ``onnx_path`` and quantize
     it to ``FILE.int8.onnx``; returns both paths. ``options`` go to :func:`quantize_onnx`."""
-    from .export import export_onnx
 
     images = calibration_array(calibration, num_images)
     export_onnx(model, onnx_path, (1, *images.shape[1:]))
@@ -211,8 +217,6 @@ def evaluate_onnx(path: str | os.PathLike, loader: Iterable[Any], *,
 
 def _run_data(cfg: Any, run: Path):
     """The run's in-memory dataset, training and test split limited as it was trained."""
-    from .data import DatasetNotFoundError
-    from .train.data import in_memory_data
 
     if cfg.dataset == "imagenet":
         raise ValueError("INT8 export of an imagenet run needs your calibration loader: call "
@@ -227,7 +231,6 @@ def _run_data(cfg: Any, run: Path):
 def sample_calibration_images(data: Any, num_images: int, seed: int = 0) -> torch.Tensor:
     """``num_images`` training images of an in-memory dataset, drawn without replacement by
     ``seed``, normalized as the model sees them (no augmentation)."""
-    from .data.loader import normalize
 
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"--calibration-images must be a positive integer, got {num_images!r}")
@@ -246,9 +249,6 @@ def export_int8_run(run_dir: str | os.PathLike, onnx_path: str | os.PathLike, *,
     """``acnet export RUN --onnx FILE --int8``: fp32 and INT8 ONNX of the run's deployed model
     (calibrated on ``calibration_images`` training images drawn by ``seed``), both evaluated
     on its test set; the results go to ``RUN/export.json`` (when ``write``)."""
-    from .runs import export_run, open_run
-    from .train.data import test_split
-    from .train.rundir import RunDir
 
     _require_ort()
     _check_method(method)

@@ -31,6 +31,9 @@ _DEFAULT = {"epochs": 90, "lr": 0.1, "weight_decay": 1e-4}
 
 # fields that may differ between a run and its --resume (they do not change the result on CPU)
 RUNTIME_FIELDS = {"device", "quiet", "workers", "data_dir", "download"}
+# `compile` is not one: inductor's fused kernels round differently from eager (resnet20, one
+# step: gradients 1e-3 apart in relative terms), so a run resumed with the other setting would
+# reproduce neither run; --resume refuses the switch instead of mixing them silently
 # filled from the dataset at run time
 DATA_FIELDS = {"in_channels", "num_classes", "input_size"}
 
