@@ -184,10 +184,42 @@ def test_ablation_is_keyed_by_slug_and_seeds_can_be_replaced():
 
     assert ABLATION["online"].options == {"block": "acb", "branch_bn": False,
                                           "branch_scale": True}
-    runs = runs_of(STUDY_PRESETS["quick"], seeds=(21, 22))
+    runs = [r for r in runs_of(STUDY_PRESETS["cpu"], seeds=(21, 22)) if r.model == "cifar_quick"]
     assert {r.seed for r in runs} == {21, 22}
     assert "cifar_quick-online-s21" in {r.name for r in runs}
     assert len({r.label for r in runs}) == len(ABLATION)
+
+
+def test_quick_preset_is_base_vs_acnet_on_the_full_training_set():
+    from acnet.experiments import STUDY_PRESETS, runs_of
+
+    quick = STUDY_PRESETS["quick"]
+    runs = runs_of(quick)
+    assert {(r.variant, r.seed) for r in runs} == {(v, s) for v in ("base", "acb")
+                                                   for s in (0, 1, 2)}
+    assert all("train_limit" not in r.config and "test_limit" not in r.config for r in runs)
+    assert [r.seed for r in runs_of(quick, seeds=(7,))] == [7, 7]
+
+
+def test_report_without_ablation_states_headline_paired_differences_deployment(
+        tmp_path, monkeypatch):
+    from acnet.experiments import presets, reproduce
+
+    tiny = presets.StudyPreset(
+        "tiny-main", "synthetic", ("cifar_quick",), (0, 1), "cifar_quick",
+        train={"epochs": 1, "train_limit": 64, "test_limit": 32, "batch_size": 32},
+        ratios=(0.0, 1.0), draws=1, ablation=False, description="test")
+    monkeypatch.setitem(presets.STUDY_PRESETS, "tiny-main", tiny)
+    text = reproduce("tiny-main", tmp_path, seeds=(3, 4)).read_text()
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert len(res["runs"]) == 4 and res["seeds"] == [3, 4]
+    acc = {(r["variant"], r["seed"]): r["deployed_test_acc"] for r in res["runs"].values()}
+    diffs = [(acc["acb", s] - acc["base", s]) * 100 for s in (3, 4)]
+    assert f"seed 3 {diffs[0]:+.2f}, seed 4 {diffs[1]:+.2f}" in text
+    assert "**cifar_quick: ACNet " in text and "beyond seed noise: " in text
+    assert "## Deployment check" in text and "cifar_quick: max |logit difference|" in text
+    assert "## Ablation" not in text and "## Centre vs corner" not in text
+    assert set(res["sparsity"]) == {"base", "ACNet"}
 
 
 def test_latency_ratio_is_a_ratio_and_restores_modes():

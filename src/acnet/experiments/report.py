@@ -11,7 +11,7 @@ from ..analysis import plots
 from ..analysis.kernels import pattern_mask
 from ..data.loader import TRANSFORMS
 from .presets import ABLATION, ACNET, CORNER, StudyPreset
-from .results import accuracies, main_result, mean_std
+from .results import accuracies, deployment_check, main_result, mean_std
 
 __all__ = ["write_report", "main_table"]
 
@@ -53,11 +53,41 @@ def main_table(res: dict[str, Any], models: tuple[str, ...]) -> list[str]:
     return lines
 
 
+def _headline(model: str, r: dict[str, Any]) -> list[str]:
+    """One model's result in words: means, gain, verdict, and the per-seed paired differences."""
+    lines = [f"**{model}: ACNet {_pm(r['acnet'])} vs baseline {_pm(r['base'])} "
+             f"({len(r['base'])} seeds): {r['gain'] * 100:+.2f} points; beyond seed noise: "
+             f"{r['verdict']}.**", ""]
+    diffs = r["paired"]
+    if diffs:
+        wins = sum(d > 0 for d in diffs.values())
+        lines += ["ACNet minus baseline, same seed: " + ", ".join(
+            f"seed {s} {d * 100:+.2f}" for s, d in diffs.items())
+            + f" (mean {_pm(list(diffs.values()))}; ACNet ahead on {wins} of {len(diffs)} "
+            f"seeds).", ""]
+    return lines
+
+
 def _main(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
-    """Section: baseline vs ACNet per model."""
-    return ["## Main result", "", *main_table(res, preset.models), "",
+    """Section: baseline vs ACNet per model, with the per-seed paired differences."""
+    lines = ["## Main result", ""]
+    for model in preset.models:
+        lines += _headline(model, main_result(res, model))
+    return [*lines, *main_table(res, preset.models), "",
             "\"Beyond seed noise\" means the difference exceeds twice the standard error of the "
             "difference of the two means.", ""]
+
+
+def _deployment(res: dict[str, Any]) -> list[str]:
+    """Section: every run's trained model vs its deployed (fused, BN-folded) form."""
+    lines = ["## Deployment check", "",
+             "Every run's trained model vs its deployed form on the test set:", ""]
+    for model, c in deployment_check(res).items():
+        lines.append(f"- {model}: max |logit difference| {c['max_abs_diff']:.2g}, identical "
+                     f"predictions {c['agreement'] * 100:.2f}%; parameters: base "
+                     f"{c['params_base']:,}, ACNet training {c['params_acnet']:,} -> deployed "
+                     f"{c['params_deployed']:,}")
+    return lines + [""]
 
 
 def _ablation(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
@@ -165,8 +195,9 @@ def _curves(res: dict[str, Any], out: Path) -> list[str]:
 def write_report(preset: StudyPreset, out: Path, res: dict[str, Any]) -> Path:
     """report.md with the tables and the PNG figures beside it."""
     out = Path(out)
-    lines = [*_header(preset, res), *_main(preset, res), *_ablation(preset, res),
-             *_corner(preset, res), *_kernels(preset, res, out), *_sparsity(preset, res, out),
+    ablation = [*_ablation(preset, res), *_corner(preset, res)] if preset.ablation else []
+    lines = [*_header(preset, res), *_main(preset, res), *_deployment(res), *ablation,
+             *_kernels(preset, res, out), *_sparsity(preset, res, out),
              *_cost(res), *_curves(res, out)]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -90,7 +90,7 @@ def _run_entries(preset: StudyPreset, out: Path, runs: list[RunSpec]) -> dict[st
         run = _run(out, spec)
         entry = {"model": spec.model, "variant": spec.variant, "label": spec.label,
                  "seed": spec.seed, **run.read_metrics(), "curve": run.metrics_lines()}
-        if spec.model == preset.ablation_model:
+        if preset.ablation and spec.model == preset.ablation_model:
             entry["robustness"] = _robustness(run)
         entries[spec.name] = entry
     return entries

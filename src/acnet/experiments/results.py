@@ -8,7 +8,8 @@ from typing import Any
 
 from .presets import ACNET, BASE
 
-__all__ = ["RESULTS", "mean_std", "accuracies", "main_result", "deployment_check"]
+__all__ = ["RESULTS", "mean_std", "accuracies", "main_result", "paired_differences",
+           "deployment_check"]
 
 RESULTS = "results.json"  # beside report.md in the study directory
 
@@ -40,7 +41,17 @@ def main_result(res: dict[str, Any], model: str) -> dict[str, Any]:
         verdict = "yes, better" if gain > 0 else "yes, worse"
     else:
         verdict = "no"
-    return {"base": b, "acnet": a, "gain": gain, "se": se, "verdict": verdict}
+    return {"base": b, "acnet": a, "gain": gain, "se": se, "verdict": verdict,
+            "paired": paired_differences(res, model)}
+
+
+def paired_differences(res: dict[str, Any], model: str) -> dict[int, float]:
+    """ACNet minus baseline accuracy for each seed that has both runs."""
+    by_seed: dict[int, dict[str, float]] = {}
+    for r in res["runs"].values():
+        if r["model"] == model and r["variant"] in (BASE, ACNET):
+            by_seed.setdefault(r["seed"], {})[r["variant"]] = r["deployed_test_acc"]
+    return {s: v[ACNET] - v[BASE] for s, v in sorted(by_seed.items()) if len(v) == 2}
 
 
 def deployment_check(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
