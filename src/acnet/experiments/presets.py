@@ -33,7 +33,7 @@ STUDY_PRESETS: dict[str, StudyPreset] = {
         train={"epochs": 3, "lr": 0.05, "nesterov": True},
         ratios=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), draws=2, analysis_test_limit=1000,
         ablation=False,
-        description="about 10 minutes on 2 idle CPU cores: Cifar-quick, baseline vs ACNet, on "
+        description="about 18 minutes on 2 idle CPU cores: Cifar-quick, baseline vs ACNet, on "
                     "the full Fashion-MNIST training set (60,000 images), 3 epochs of SGD "
                     "(Nesterov, lr 0.05, cosine), 3 seeds; the ablation is in the cpu preset"),
     "cpu": StudyPreset(

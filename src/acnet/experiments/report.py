@@ -61,9 +61,10 @@ def _headline(model: str, r: dict[str, Any]) -> list[str]:
     diffs = r["paired"]
     if diffs:
         wins = sum(d > 0 for d in diffs.values())
+        m, sd = mean_std(list(diffs.values()))
         lines += ["ACNet minus baseline, same seed: " + ", ".join(
             f"seed {s} {d * 100:+.2f}" for s, d in diffs.items())
-            + f" (mean {_pm(list(diffs.values()))}; ACNet ahead on {wins} of {len(diffs)} "
+            + f" (mean {m * 100:+.2f} ± {sd * 100:.2f}; ACNet ahead on {wins} of {len(diffs)} "
             f"seeds).", ""]
     return lines
 
@@ -138,6 +139,12 @@ def _kernels(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
     return lines + [""]
 
 
+def _test_images(preset: StudyPreset) -> str:
+    """Which test images the analyses score."""
+    n = preset.analysis_test_limit
+    return f"accuracy on the first {n:,} test images" if n else "accuracy on the full test set"
+
+
 def _sparsity(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
     """Section: accuracy after sparsifying skeleton, corners, all (and the figure)."""
     if not res["sparsity"]:
@@ -150,7 +157,8 @@ def _sparsity(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
     ratios = next(iter(curves.values()))["ratios"]
     lines = ["## Sparsifying the skeleton vs the corners", "",
              f"Fraction of the weights at the pattern's positions set to zero at random "
-             f"(mean ± std over {preset.draws} draws; seed-{res['seeds'][0]} runs).", "",
+             f"(mean ± std over {preset.draws} draws; seed-{res['seeds'][0]} runs; "
+             f"{_test_images(preset)}).", "",
              "![sparsity](sparsity.png)", "",
              "| model | pattern | " + " | ".join(f"{r:g}" for r in ratios) + " |",
              "|---|---|" + "---|" * len(ratios)]
