@@ -16,19 +16,24 @@ from acnet.fusion import (
 )
 
 
-@pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("conv_bias", [True, False])
-def test_fold_bn_matches_conv_then_bn(affine, conv_bias):
-    torch.manual_seed(0)
-    conv = nn.Conv2d(3, 5, 3, padding=1, bias=conv_bias).double()
-    bn = nn.BatchNorm2d(5, affine=affine, eps=1e-3).double()
+def _random_bn(affine: bool) -> nn.BatchNorm2d:
+    """An eval-mode float64 BatchNorm2d(5, eps=1e-3) with random statistics (and affine)."""
+    bn = nn.BatchNorm2d(5, affine=affine, eps=1e-3).double().eval()
     with torch.no_grad():
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.1, 3)
         if affine:
             bn.weight.uniform_(-2, 2)
             bn.bias.uniform_(-1, 1)
-    bn.eval()
+    return bn
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_fold_bn_matches_conv_then_bn(affine, conv_bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1, bias=conv_bias).double()
+    bn = _random_bn(affine)
     x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
     k, b = fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
                    bn.weight, bn.bias)
@@ -117,14 +122,7 @@ def test_tap_indices_rejects_out_of_range():
 @pytest.mark.parametrize("affine", [True, False])
 def test_bn_scale_shift_matches_eval_bn(affine):
     torch.manual_seed(0)
-    bns = [nn.BatchNorm2d(5, affine=affine, eps=1e-3).double().eval() for _ in range(2)]
-    for bn in bns:
-        with torch.no_grad():
-            bn.running_mean.uniform_(-1, 1)
-            bn.running_var.uniform_(0.1, 3)
-            if affine:
-                bn.weight.uniform_(-2, 2)
-                bn.bias.uniform_(-1, 1)
+    bns = [_random_bn(affine) for _ in range(2)]
     stack = lambda name: torch.stack([getattr(bn, name) for bn in bns])  # noqa: E731
     scale, shift = bn_scale_shift(stack("running_mean"), stack("running_var"), 1e-3,
                                   stack("weight") if affine else None,

@@ -81,7 +81,6 @@ class Pairing:
 
     uses: dict[str, ConvUse] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    traced: bool = True
 
 
 class _Tracer(torch.fx.Tracer):
@@ -174,7 +173,6 @@ def find_pairs(model: nn.Module, names: set[str], example_inputs: Any = None) ->
     out = Pairing()
     graph = _trace(model)
     if isinstance(graph, str):
-        out.traced = False
         out.notes.append(f"torch.fx could not trace {type(model).__name__} ({graph}); pairings "
                          f"were proven from submodule graphs or a probe run")
     else:

@@ -107,10 +107,6 @@ class AbsorbedBatchNorm(nn.Module):
             bn.drop, bn.act = self.drop, self.act
         return bn
 
-    def tail(self) -> nn.Module:
-        """What is left of the slot when its BN is folded into the conv: Identity, or drop+act."""
-        return NormActTail(self.drop, self.act) if "act" in self._modules else nn.Identity()
-
 
 class NormActTail(nn.Module):
     """The drop and activation of a norm+act layer (timm's BatchNormAct2d) whose BN was folded.
@@ -127,9 +123,11 @@ class NormActTail(nn.Module):
         return self.act(self.drop(x))
 
 
-def _bn_tail(bn: nn.Module) -> nn.Module:
-    """The slot's replacement once ``bn`` is folded into the conv before it."""
-    return NormActTail(bn.drop, bn.act) if is_bn_act(bn) else nn.Identity()
+def _bn_tail(slot: nn.Module) -> nn.Module:
+    """What replaces a norm slot (a BN or an AbsorbedBatchNorm) once the BN is folded into the
+    conv before it: its drop + activation (timm's BatchNormAct2d), else Identity."""
+    has_act = "act" in slot._modules and "drop" in slot._modules
+    return NormActTail(slot.drop, slot.act) if has_act else nn.Identity()
 
 
 def _unwrap(model: nn.Module, what: str) -> nn.Module:
@@ -534,7 +532,7 @@ def _deploy_block(model: nn.Module, name: str, block: ACBlock, slot: str | None,
         return "fused", f"{slot} restored as {model.get_submodule(slot).__class__.__name__}"
     set_submodule(model, name, _fused_conv(block, kernel, bias))
     if slot is not None:
-        set_submodule(model, slot, model.get_submodule(slot).tail())
+        set_submodule(model, slot, _bn_tail(model.get_submodule(slot)))
         return "fused", f"{slot} folded into the conv bias"
     if block.acnet_conv_bias:
         return "fused", ""
