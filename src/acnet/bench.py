@@ -24,7 +24,7 @@ from .analysis.cost import latency_ratio, time_interleaved
 from .block import ACBlock
 from .convert import convert, deploy
 from .models import build_model
-from .train.engine import _eager_ceil_mode_avg_pools
+from .train.engine import eager_ceil_mode_avg_pools
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _step_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor, compiled: bool):
     """One SGD training step of ``m`` (under torch.compile when ``compiled``) as a closure."""
     opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
     if compiled:
-        _eager_ceil_mode_avg_pools(m)  # as `acnet train --compile` runs it (exact gradients)
+        eager_ceil_mode_avg_pools(m)  # as `acnet train --compile` runs it (exact gradients)
     net = torch.compile(m, dynamic=False) if compiled else m
 
     def step() -> None:

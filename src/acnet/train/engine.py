@@ -25,7 +25,7 @@ from .rundir import RunDir, RunDirError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "RunDirError", "DIVERGED_LOSS"]
+__all__ = ["train", "RunDirError", "DIVERGED_LOSS", "eager_ceil_mode_avg_pools"]
 
 # A mean training loss above this is divergence even when finite: a classifier that outputs
 # uniform probabilities has a cross-entropy of ln(classes), about 7 for 1000 classes.
@@ -203,12 +203,12 @@ def _compiled(cfg: TrainConfig, net: nn.Module, model: nn.Module
     if not cfg.compile:
         return net, model
     torch._dynamo.reset()
-    _eager_ceil_mode_avg_pools(model)
+    eager_ceil_mode_avg_pools(model)
     compiled = torch.compile(net, dynamic=False)
     return compiled, compiled if net is model else torch.compile(model, dynamic=False)
 
 
-def _eager_ceil_mode_avg_pools(model: nn.Module) -> None:
+def eager_ceil_mode_avg_pools(model: nn.Module) -> None:
     """Keep ``avg_pool2d`` out of compiled graphs when ``model`` has a ceil_mode AvgPool2d.
 
     Inductor (torch 2.14, CPU) lowers avg_pool2d's backward with ceil_mode=True wrongly (its
