@@ -187,7 +187,25 @@ def test_ablation_is_keyed_by_slug_and_seeds_can_be_replaced():
     runs = [r for r in runs_of(STUDY_PRESETS["cpu"], seeds=(21, 22)) if r.model == "cifar_quick"]
     assert {r.seed for r in runs} == {21, 22}
     assert "cifar_quick-online-s21" in {r.name for r in runs}
-    assert len({r.label for r in runs}) == len(ABLATION)
+    assert len({r.label for r in runs if r.variant != "long"}) == len(ABLATION)
+
+
+def test_cpu_study_order_puts_complete_comparisons_first_then_ablation_then_plateau():
+    from acnet.experiments import ACNET, BASE, LONG, STUDY_PRESETS, runs_of
+
+    cpu = STUDY_PRESETS["cpu"]
+    runs = runs_of(cpu)
+    n_main = 2 * len(cpu.models) * len(cpu.seeds)
+    assert all(r.variant in (BASE, ACNET) for r in runs[:n_main])
+    assert [r.model for r in runs[:n_main:2 * len(cpu.seeds)]] == list(cpu.models)
+    long = [r for r in runs if r.variant == LONG]
+    assert runs[-len(long):] == long and {r.model for r in long} == set(cpu.plateau)
+    for r in long:  # twice the model's schedule, a baseline, first seed
+        assert r.config["epochs"] == cpu.plateau[r.model] > cpu.per_model[r.model]["epochs"]
+        assert r.config["block"] == "base" and r.seed == cpu.seeds[0]
+        assert r.label == f"baseline, {cpu.plateau[r.model]} epochs"
+    assert len({r.name for r in runs}) == len(runs)
+    assert all("train_limit" not in r.config for r in runs)  # the full training set
 
 
 def test_quick_preset_is_base_vs_acnet_on_the_full_training_set():
@@ -220,6 +238,31 @@ def test_report_without_ablation_states_headline_paired_differences_deployment(
     assert "## Deployment check" in text and "cifar_quick: max |logit difference|" in text
     assert "## Ablation" not in text and "## Centre vs corner" not in text
     assert set(res["sparsity"]) == {"base", "ACNet"}
+
+
+def test_reproduce_with_two_jobs_trains_the_same_runs_and_report_only_trains_nothing(
+        tmp_path, monkeypatch):
+    from acnet.experiments import presets, reproduce
+    from acnet.train import RunDir
+
+    tiny = presets.StudyPreset(
+        "tiny-jobs", "synthetic", ("cifar_quick",), (0,), "cifar_quick",
+        train={"epochs": 1, "train_limit": 64, "test_limit": 32, "batch_size": 32},
+        ratios=(0.0, 1.0), draws=1, ablation=False, description="test")
+    monkeypatch.setitem(presets.STUDY_PRESETS, "tiny-jobs", tiny)
+    with pytest.raises(ValueError, match="jobs"):
+        reproduce("tiny-jobs", tmp_path / "a", jobs=0)
+    reproduce("tiny-jobs", tmp_path / "one", jobs=1, analyze=False)
+    reproduce("tiny-jobs", tmp_path / "two", jobs=2, analyze=False)
+    for name in ("cifar_quick-base-s0", "cifar_quick-acb-s0"):
+        one, two = (RunDir(tmp_path / d / "runs" / name) for d in ("one", "two"))
+        assert one.finished and two.finished
+        # the same run; per-process thread counts may change float rounding, not the result
+        assert abs(one.read_metrics()["test_acc"] - two.read_metrics()["test_acc"]) <= 0.07
+    empty = tmp_path / "none"
+    with pytest.raises(ValueError, match="no finished runs"):
+        reproduce("tiny-jobs", empty, train_runs=False)
+    assert not (empty / "runs").exists() or not any((empty / "runs").iterdir())
 
 
 def test_latency_ratio_is_a_ratio_and_restores_modes():

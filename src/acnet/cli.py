@@ -20,6 +20,7 @@ from .cli_studies import (
     cmd_analyze,
     cmd_bench,
     cmd_reproduce,
+    positive_int,
 )
 from .data import DATASETS, TRANSFORMS
 from .export import ExportMismatchError
@@ -35,17 +36,6 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, Permis
                CheckpointError, ExportMismatchError)
 
 DEFAULTS = TrainConfig()  # the one place train's defaults live; --help quotes them
-
-
-def positive_int(s: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def _default(name: str) -> str:
@@ -77,7 +67,8 @@ def add_train(p: argparse.ArgumentParser) -> None:
                    help="continue the run in --out")
     p.add_argument("--device", help=f"auto, cpu or cuda ({_default('device')})")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
-    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="train in NCHW memory format (channels_last is faster on CPU and GPU)")
     p.add_argument("--compile", action="store_true", help="train and evaluate under "
                    "torch.compile (checkpoints, deploy and export use the plain model)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP")

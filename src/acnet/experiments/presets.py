@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ABLATION", "ACNET", "BASE", "CORNER", "RunSpec", "STUDY_PRESETS", "StudyPreset",
-           "Variant", "runs_of"]
+__all__ = ["ABLATION", "ACNET", "BASE", "CORNER", "LONG", "ONLINE", "RunSpec", "STUDY_PRESETS",
+           "StudyPreset", "Variant", "runs_of"]
 
 
 @dataclass
@@ -25,6 +25,10 @@ class StudyPreset:
     analysis_test_limit: int | None = None
     description: str = ""
     ablation: bool = True  # False: base and ACNet only (no ablation rows, no robustness)
+    # model -> epochs of one extra baseline run (first seed) with a longer schedule: shows
+    # whether the study's schedule had converged (the report compares the two)
+    plateau: dict[str, int] = field(default_factory=dict)
+    int8: bool = False  # INT8 (onnxruntime) accuracy of the base, ACNet and online runs
 
 
 STUDY_PRESETS: dict[str, StudyPreset] = {
@@ -37,15 +41,19 @@ STUDY_PRESETS: dict[str, StudyPreset] = {
                     "the full Fashion-MNIST training set (60,000 images), 3 epochs of SGD "
                     "(Nesterov, lr 0.05, cosine), 3 seeds; the ablation is in the cpu preset"),
     "cpu": StudyPreset(
-        "cpu", "fashion-mnist", ("cifar_quick", "resnet20", "densenet40"), (0, 1, 2),
+        "cpu", "fashion-mnist", ("cifar_quick", "vgg16_quarter", "resnet20"), (0, 1, 2),
         "cifar_quick",
-        train={"lr": 0.05},
-        per_model={"cifar_quick": {"epochs": 5, "train_limit": 20000},
-                   "resnet20": {"epochs": 4, "train_limit": 12000},
-                   "densenet40": {"epochs": 2, "train_limit": 1024, "test_limit": 1000}},
-        draws=3, analysis_test_limit=2000,
-        description="about an hour on 2 CPU cores: three of the paper's architectures on "
-                    "Fashion-MNIST subsets, short cosine schedules, 3 seeds"),
+        per_model={"cifar_quick": {"epochs": 15}, "vgg16_quarter": {"epochs": 10},
+                   "resnet20": {"epochs": 10}},
+        plateau={"cifar_quick": 30, "vgg16_quarter": 20, "resnet20": 20},
+        draws=3, analysis_test_limit=2000, int8=True,
+        description="three of the paper's CIFAR architectures (Cifar-quick, VGG-16 at a "
+                    "quarter of its width, ResNet-20) trained on the full Fashion-MNIST training "
+                    "set (60,000 images) with the official recipe (SGD momentum 0.9, batch 128, "
+                    "lr 0.1, weight decay 1e-4, cosine) on 10-15 epochs instead of 150-400, 3 "
+                    "seeds; the ablation, robustness, kernel and sparsity studies on Cifar-quick; "
+                    "INT8; one baseline per model trained twice as long shows convergence. "
+                    "About 7 hours on 2 CPU cores (`--jobs 2`), resumable"),
     "paper-cifar10": StudyPreset(
         "paper-cifar10", "cifar10", ("cifar_quick", "vgg16", "resnet56", "wrn16_8",
                                      "densenet40"), (0, 1, 2), "resnet56",
@@ -70,7 +78,8 @@ class Variant:
     options: dict[str, Any]
 
 
-BASE, ACNET, CORNER = "base", "acb", "corner"  # the slugs the report compares
+BASE, ACNET, CORNER, ONLINE = "base", "acb", "corner", "online"  # slugs the report compares
+LONG = "long"  # the plateau check: a baseline trained for longer (not an ablation row)
 
 # slug -> variant: the paper's Table 4 rows, the online ACB (branch scales, no branch BN) and
 # the corner variant, in report order; the slug names the run directories
@@ -79,7 +88,7 @@ ABLATION: dict[str, Variant] = {
     "hor": Variant("+horizontal", {"block": "acb", "vertical": False}),
     "ver": Variant("+vertical", {"block": "acb", "horizontal": False}),
     "nobn": Variant("+both, no branch BN", {"block": "acb", "branch_bn": False}),
-    "online": Variant("+both, branch scales, no branch BN (online ACNet)",
+    ONLINE: Variant("+both, branch scales, no branch BN (online ACNet)",
                       {"block": "acb", "branch_bn": False, "branch_scale": True}),
     ACNET: Variant("+both, branch BN (ACNet)", {"block": "acb"}),
     CORNER: Variant("corner ACNet", {"block": "acb", "position": "corner"}),
@@ -98,21 +107,31 @@ class RunSpec:
 
     @property
     def label(self) -> str:
+        if self.variant == LONG:
+            return f"baseline, {self.config['epochs']} epochs"
         return ABLATION[self.variant].label
 
 
+def _spec(preset: StudyPreset, model: str, seed: int, slug: str) -> RunSpec:
+    """The run of ``model`` in variant ``slug`` with ``seed``."""
+    cfg = {"model": model, "dataset": preset.dataset, "seed": seed, "quiet": True,
+           **preset.train, **preset.per_model.get(model, {})}
+    if slug == LONG:
+        cfg.update(ABLATION[BASE].options, epochs=preset.plateau[model])
+    else:
+        cfg.update(ABLATION[slug].options)
+    return RunSpec(f"{model.replace(':', '_')}-{slug}-s{seed}", model, seed, slug, cfg)
+
+
 def runs_of(preset: StudyPreset, seeds: tuple[int, ...] | None = None) -> list[RunSpec]:
-    """Every run of the preset: models × {base, acb} × seeds, plus the ablation variants of
-    the ablation model (``seeds`` replaces the preset's)."""
-    runs: dict[str, RunSpec] = {}
-    for model in preset.models:
-        ablate = preset.ablation and model == preset.ablation_model
-        variants = list(ABLATION) if ablate else [BASE, ACNET]
-        for seed in seeds or preset.seeds:
-            for slug in variants:
-                cfg = {"model": model, "dataset": preset.dataset, "seed": seed, "quiet": True,
-                       **preset.train, **preset.per_model.get(model, {}),
-                       **ABLATION[slug].options}
-                name = f"{model.replace(':', '_')}-{slug}-s{seed}"
-                runs[name] = RunSpec(name, model, seed, slug, cfg)
-    return list(runs.values())
+    """Every run of the preset (``seeds`` replaces the preset's), most important first, so a
+    study stopped part-way has complete comparisons: each model's baseline and ACNet over
+    all seeds, then the other ablation variants of the ablation model, then the plateau
+    checks (one longer baseline per model, first seed)."""
+    seeds = seeds or preset.seeds
+    specs = [_spec(preset, m, s, v) for m in preset.models for s in seeds for v in (BASE, ACNET)]
+    if preset.ablation and preset.ablation_model in preset.models:
+        specs += [_spec(preset, preset.ablation_model, s, v) for s in seeds for v in ABLATION
+                  if v not in (BASE, ACNET)]
+    specs += [_spec(preset, m, seeds[0], LONG) for m in preset.models if m in preset.plateau]
+    return list({s.name: s for s in specs}.values())

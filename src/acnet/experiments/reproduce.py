@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +35,18 @@ STUDY_GROUPS = {"base": BASE, "ACNet": ACNET, "corner ACNet": CORNER}
 
 def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
               data_dir: str | None = None, analyze: bool = True, command: str | None = None,
-              seeds: tuple[int, ...] | None = None) -> Path:
+              seeds: tuple[int, ...] | None = None, jobs: int = 1, train_runs: bool = True
+              ) -> Path:
     """Run (or resume) every run of the preset under ``out/runs``, then write ``out/report.md``.
 
     ``command``: the command line to quote in the report (default: an equivalent one).
-    ``seeds``: other seeds than the preset's.
+    ``seeds``: other seeds than the preset's. ``jobs``: runs trained at once, in separate
+    processes splitting the CPU threads (on 2 CPU cores 2 jobs train about 1.1-1.3× faster).
+    ``train_runs=False``: train nothing; report on the runs finished so far (a study in
+    progress).
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     if preset_name not in STUDY_PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose one of "
                          f"{', '.join(STUDY_PRESETS)}")
@@ -46,7 +54,12 @@ def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = runs_of(preset, seeds)
-    _train_all(runs, out, device, data_dir)
+    if train_runs:
+        _train_all(runs, out, device, data_dir, jobs)
+    else:
+        runs = [s for s in runs if _run(out, s).finished]
+        if not runs:
+            raise ValueError(f"no finished runs of preset {preset_name!r} in {out / 'runs'}")
     if analyze:
         results = analyze_runs(preset, out, runs)
         results["command"] = command or f"acnet reproduce --preset {preset_name} --out {out}"
@@ -56,15 +69,51 @@ def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
     return out / "report.md"
 
 
-def _train_all(runs: list[RunSpec], out: Path, device: str, data_dir: str | None) -> None:
-    """Train every run that is not finished (resuming interrupted ones)."""
+def _train_one(config: dict[str, Any], path: str, threads: int | None) -> str:
+    """Train (or resume) one run; in a worker process, with ``threads`` torch threads."""
+    if threads:
+        torch.set_num_threads(threads)
+    run = RunDir(path)
+    train(TrainConfig(**config), run.path, resume=run.started)
+    return path
+
+
+def _train_all(runs: list[RunSpec], out: Path, device: str, data_dir: str | None,
+               jobs: int = 1) -> None:
+    """Train every run that is not finished (resuming interrupted ones), ``jobs`` at a time."""
     t0 = time.perf_counter()
-    for i, spec in enumerate(runs, 1):
-        cfg = TrainConfig(**{**spec.config, "device": device, "data_dir": data_dir})
+    todo = []
+    for spec in runs:
         run = RunDir(out / "runs" / spec.name)
-        log.info("[%d/%d] %s%s", i, len(runs), spec.name, " (done)" if run.finished else "")
-        train(cfg, run.path, resume=run.started)
-    log.info("all %d runs finished in %.0f s", len(runs), time.perf_counter() - t0)
+        if not run.finished:
+            todo.append((spec, {**spec.config, "device": device, "data_dir": data_dir}))
+    log.info("%d of %d runs to train%s", len(todo), len(runs),
+             f", {jobs} at a time" if jobs > 1 and todo else "")
+    if jobs == 1:
+        for i, (spec, config) in enumerate(todo, 1):
+            log.info("[%d/%d] %s", i, len(todo), spec.name)
+            _train_one(config, str(out / "runs" / spec.name), None)
+    elif todo:
+        _train_parallel(todo, out, jobs)
+    log.info("%d runs trained in %.0f s", len(todo), time.perf_counter() - t0)
+
+
+def _train_parallel(todo: list[tuple[RunSpec, dict[str, Any]]], out: Path, jobs: int) -> None:
+    """Train the runs in ``jobs`` worker processes sharing the CPU threads; the first failure
+    stops the study (finished runs stay finished, interrupted ones resume next time)."""
+    threads = max(1, torch.get_num_threads() // jobs)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(_train_one, config, str(out / "runs" / spec.name), threads):
+                   spec.name for spec, config in todo}
+        try:
+            for i, fut in enumerate(as_completed(futures), 1):
+                fut.result()
+                log.info("[%d/%d] %s finished", i, len(todo), futures[fut])
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def _run(out: Path, spec: RunSpec) -> RunDir:

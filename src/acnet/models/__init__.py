@@ -13,6 +13,7 @@ __all__ = ["MODELS", "build_model", "check_model_name", "model_names"]
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "cifar_quick": cifar.cifar_quick,
     "vgg16": cifar.vgg16,
+    "vgg16_quarter": cifar.vgg16_quarter,
     "resnet20": cifar.resnet20,
     "resnet56": cifar.resnet56,
     "resnet110": cifar.resnet110,

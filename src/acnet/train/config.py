@@ -21,6 +21,7 @@ __all__ = ["TrainConfig", "MODEL_DEFAULTS", "RUNTIME_FIELDS", "resolve", "build_
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "cifar_quick": {"epochs": 150, "lr": 0.1, "weight_decay": 1e-4},
     "vgg16": {"epochs": 400, "lr": 0.1, "weight_decay": 1e-4},
+    "vgg16_quarter": {"epochs": 400, "lr": 0.1, "weight_decay": 1e-4},
     "resnet20": {"epochs": 400, "lr": 0.1, "weight_decay": 1e-4},
     "resnet56": {"epochs": 400, "lr": 0.2, "weight_decay": 1e-4},
     "resnet110": {"epochs": 400, "lr": 0.1, "weight_decay": 1e-4},

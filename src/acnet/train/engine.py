@@ -122,9 +122,10 @@ def _tensorboard(run: RunDir, info: dist_utils.DistInfo):
 
 
 def _build_model(cfg: TrainConfig, info: dist_utils.DistInfo) -> nn.Module:
-    """The training model on its device (channels_last on CUDA, SyncBatchNorm if asked)."""
+    """The training model on its device (channels_last unless disabled, SyncBatchNorm if
+    asked)."""
     model = build_training_model(cfg).to(info.device)
-    if info.device.type == "cuda" and cfg.channels_last:
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and info.enabled:
         if info.device.type == "cpu":
@@ -286,7 +287,7 @@ def _train_epoch(net: nn.Module, r: _Run, epoch: int) -> tuple[float, float, flo
     desc = f"epoch {epoch + 1}/{cfg.epochs}"
     with Progress(len(r.train.loader), desc, enabled=r.info.main and not cfg.quiet) as bar:
         for x, y in r.train.loader:
-            if device.type == "cuda" and cfg.channels_last:
+            if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(cfg, device):
                 logits = net(x)
