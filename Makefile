@@ -29,7 +29,7 @@ data:
 	fi
 
 demo: setup data
-	$(PY) -m acnet reproduce --preset quick --out runs/quick
+	$(PY) -m acnet reproduce --preset quick --out runs/quick --jobs 2
 
 test: setup data
 	$(PY) -m pytest -q $(PYTEST_ARGS)

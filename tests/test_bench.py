@@ -40,3 +40,14 @@ def test_bench_rejects_bad_batch_lists(capsys, batch):
     assert main(["bench", "--models", "cifar_quick", "--batch", batch]) == 2
     err = capsys.readouterr().err
     assert "--batch must be comma-separated positive integers" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_bench_training_in_the_studys_format(channels_last):
+    """The study's cost section times 1-channel 28x28 batches in the format training uses."""
+    from acnet.bench import bench_training
+
+    r = bench_training("cifar_quick", torch.device("cpu"), 4, 1, 0, image=28, in_channels=1,
+                       channels_last=channels_last)
+    assert r["channels_last"] is channels_last and r["ratio"]["base"] == 1.0
+    assert all(v > 0 for v in r["ms"].values())

@@ -72,10 +72,11 @@ TRAINING_VARIANTS: dict[str, dict[str, Any] | None] = {
 COMPILED_VARIANTS = ("base", "acb", "acb_online")  # also timed under torch.compile with compile
 
 
-def _training_models(model_name: str, compile: bool) -> dict[str, nn.Module]:
+def _training_models(model_name: str, compile: bool, in_channels: int = 3
+                     ) -> dict[str, nn.Module]:
     """Every variant of the training benchmark, built from one seeded base model."""
     torch.manual_seed(0)
-    base = build_model(model_name, in_channels=3, num_classes=10)
+    base = build_model(model_name, in_channels=in_channels, num_classes=10)
     models = {k: copy.deepcopy(base) if opts is None else convert(base, preserve=False, **opts)
               for k, opts in TRAINING_VARIANTS.items()}
     models["straightforward_acb"] = _straightforward(models["acb"])
@@ -121,22 +122,27 @@ def _peak_mib(fn, device: torch.device) -> float:
 
 
 def bench_training(model_name: str, device: torch.device, batch: int, repeats: int, warmup: int,
-                   image: int = 32, compile: bool = False) -> dict[str, Any]:
+                   image: int = 32, compile: bool = False, *, in_channels: int = 3,
+                   channels_last: bool = True) -> dict[str, Any]:
     """Median training-step time (forward, backward, SGD) of each variant, interleaved, and its
     ratio to the conv-BN baseline (eager); with ``compile`` also the torch.compile'd variants
-    and their compile time (the first step's seconds)."""
-    x = torch.randn(batch, 3, image, image, device=device)
+    and their compile time (the first step's seconds). ``channels_last``: model and batch in
+    that memory format, as `acnet train` runs them by default."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, in_channels, image, image, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
     load0 = _load()
     fns, peak, first = {}, {}, {}
-    for name, m in _training_models(model_name, compile).items():
-        fns[name] = _step_fn(m.to(device).train(), x, y, name.endswith("_compiled"))
+    for name, m in _training_models(model_name, compile, in_channels).items():
+        m = m.to(device, memory_format=fmt).train()
+        fns[name] = _step_fn(m, x, y, name.endswith("_compiled"))
         if name.endswith("_compiled"):
             first[name] = _first_call_s(fns[name], device)
         if device.type == "cuda":
             peak[name] = _peak_mib(fns[name], device)
     med = time_interleaved(fns, repeats, warmup, device)
-    out = {"model": model_name, "batch": batch, "ms": {k: v * 1e3 for k, v in med.items()},
+    out = {"model": model_name, "batch": batch, "channels_last": channels_last,
+           "ms": {k: v * 1e3 for k, v in med.items()},
            "ratio": {k: v / med["base"] for k, v in med.items()},
            "load_avg": [load0, _load()]}
     if first:
@@ -210,9 +216,10 @@ def machine() -> dict[str, Any]:
 def run_bench(*, models: tuple[str, ...] = ("resnet20", "resnet56", "cifar_quick"),
               devices: tuple[str, ...] | None = None, batch: int | tuple[int, ...] = 128,
               repeats: int = 10, warmup: int = 2, conversion: bool = True,
-              compile: bool = False) -> dict[str, Any]:
+              compile: bool = False, channels_last: bool = True) -> dict[str, Any]:
     """Run the suite (training at each ``batch``, inference at 1 and each batch); returns a
-    JSON-able dict (see :func:`format_table`). ``compile`` adds the torch.compile variants."""
+    JSON-able dict (see :func:`format_table`). ``compile`` adds the torch.compile variants;
+    ``channels_last`` trains in that memory format (as `acnet train` does by default)."""
     batches = (batch,) if isinstance(batch, int) else tuple(batch)
     if repeats < 1 or not batches or min(batches) < 1:
         raise ValueError(f"repeats and batch must be >= 1, got {repeats} and {batch}")
@@ -224,7 +231,8 @@ def run_bench(*, models: tuple[str, ...] = ("resnet20", "resnet56", "cifar_quick
         for m in models:
             for b in batches:
                 log.info("training step: %s batch %d on %s", m, b, dev)
-                r = bench_training(m, device, b, repeats, warmup, compile=compile)
+                r = bench_training(m, device, b, repeats, warmup, compile=compile,
+                                   channels_last=channels_last)
                 result["training"].append({**r, "device": dev})
         for b in sorted({1, *batches}):
             log.info("inference: %s batch %d on %s", models[0], b, dev)
@@ -244,11 +252,13 @@ def _load_cell(r: dict[str, Any]) -> str:
 def _training_table(res: dict[str, Any]) -> list[str]:
     """Eager training-step ratios."""
     lines = ["Training step (forward + backward + SGD), ratio to the conv-BN baseline:", "",
-             "| device | model | batch | base ms | ACB | ACB no branch BN | online ACB | "
-             "straightforward ACB | load |", "|---|---|---|---|---|---|---|---|---|"]
+             "| device | model | batch | memory | base ms | ACB | ACB no branch BN | online ACB | "
+             "straightforward ACB | load |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["training"]:
         q = r["ratio"]
-        lines.append(f"| {r['device']} | {r['model']} | {r['batch']} | {r['ms']['base']:.1f} | "
+        fmt = "NHWC" if r.get("channels_last") else "NCHW"  # results before the field: NCHW
+        lines.append(f"| {r['device']} | {r['model']} | {r['batch']} | {fmt} | "
+                     f"{r['ms']['base']:.1f} | "
                      f"{q['acb']:.2f}x | {q['acb_no_branch_bn']:.2f}x | "
                      f"{q.get('acb_online', float('nan')):.2f}x | "
                      f"{q['straightforward_acb']:.2f}x | {_load_cell(r)} |")

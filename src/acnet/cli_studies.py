@@ -119,6 +119,8 @@ def add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-conversion", action="store_true", help="skip the resnet50 timing")
     p.add_argument("--compile", action="store_true",
                    help="also time base, ACB and online ACB under torch.compile")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="train in NCHW (default: channels_last, as acnet train does)")
     p.add_argument("--out", help="JSON file to write")
 
 
@@ -127,7 +129,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     res = run_bench(models=tuple(m for m in a.models.split(",") if m), repeats=a.repeats,
                     warmup=a.warmup, batch=_batches(a.batch), conversion=not a.no_conversion,
                     devices=tuple(a.device.split(",")) if a.device else None,
-                    compile=a.compile)
+                    compile=a.compile, channels_last=a.channels_last)
     res["command"] = a.command_line
     print(format_table(res))
     if a.out:

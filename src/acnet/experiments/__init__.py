@@ -4,5 +4,5 @@ from .presets import ABLATION, ACNET, BASE, LONG, ONLINE, STUDY_PRESETS, StudyPr
 from .report import write_report
 from .reproduce import analyze_runs, reproduce, summary
 
-__all__ = ["ABLATION", "ACNET", "BASE", "LONG", "ONLINE", "STUDY_PRESETS", "StudyPreset", "analyze_runs", "reproduce", "runs_of",
-           "summary", "write_report"]
+__all__ = ["ABLATION", "ACNET", "BASE", "LONG", "ONLINE", "STUDY_PRESETS", "StudyPreset",
+           "analyze_runs", "reproduce", "runs_of", "summary", "write_report"]
