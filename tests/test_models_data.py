@@ -131,3 +131,35 @@ def test_transforms():
     assert apply_transform(x, "rot90")[0, 0, 0, 0] == 3
     with pytest.raises(ValueError, match="transform"):
         apply_transform(x, "shear")
+
+
+def test_vgg16_quarter_is_vgg16_at_a_quarter_of_the_width():
+    full, quarter = build_model("vgg16"), build_model("vgg16_quarter")
+    widths = [[m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+              for net in (full, quarter)]
+    assert len(widths[1]) == 13 and widths[1] == [w // 4 for w in widths[0]]
+    assert widths[1][0] == 16 and max(widths[1]) == 128
+
+
+def test_no_augment_trains_on_the_images_as_they_are():
+    from acnet.data.loader import normalize
+    from acnet.train import TrainConfig
+    from acnet.train.config import resolve
+    from acnet.train.data import train_split
+
+    def first_batch(augment: bool):
+        cfg = resolve(TrainConfig(model="cifar_quick", dataset="synthetic", train_limit=64,
+                                  batch_size=64, augment=augment))
+        x, y = next(iter(train_split(cfg, torch.device("cpu")).loader))
+        return x, y, train_split(cfg, torch.device("cpu")).loader
+
+    x, y, loader = first_batch(False)
+    data = load_dataset("synthetic").limit(64, 8)
+    # the same images, only shuffled: each batch image equals its normalized source image
+    src = normalize(data.train_x, loader.mean, loader.std)
+    order = torch.cdist(x.flatten(1), src.flatten(1)).argmin(1)
+    assert torch.equal(x, src[order]) and torch.equal(y, data.train_y[order])
+    xa, ya, _ = first_batch(True)
+    assert torch.equal(ya, y) and not torch.equal(xa, x)  # same order, augmented pixels
+    with pytest.raises(ValueError, match="--no-augment"):
+        resolve(TrainConfig(dataset="imagenet", augment=False))

@@ -67,6 +67,8 @@ def add_train(p: argparse.ArgumentParser) -> None:
                    help="continue the run in --out")
     p.add_argument("--device", help=f"auto, cpu or cuda ({_default('device')})")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="no random crop or flip of training images (in-memory datasets)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="train in NCHW memory format (channels_last is faster on CPU and GPU)")
     p.add_argument("--compile", action="store_true", help="train and evaluate under "

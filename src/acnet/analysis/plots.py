@@ -1,4 +1,8 @@
-"""Matplotlib figures for the studies (imported only when plotting)."""
+"""Matplotlib figures for the studies (imported only when plotting).
+
+Every figure colours a variant the same way (:data:`VARIANT_COLOURS`, keyed by the study's
+variant slugs), draws mean ± std bands, and keeps the legend outside the data.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["heatmaps", "sparsity_curves", "training_curves"]
+__all__ = ["VARIANT_COLOURS", "VARIANT_STYLES", "heatmaps", "sparsity_curves",
+           "sparsity_panels", "training_curves"]
+
+# one colour per variant slug, in every figure (colour-blind-safe Okabe-Ito palette + grey)
+VARIANT_COLOURS: dict[str, str] = {
+    "base": "#000000", "acb": "#D55E00", "hor": "#56B4E9", "ver": "#009E73",
+    "nobn": "#CC79A7", "online": "#0072B2", "corner": "#E69F00", "long": "#777777"}
+VARIANT_STYLES: dict[str, str] = {"long": "--"}  # line style where not solid
+_OTHER = "#999999"
 
 
 def _plt():
@@ -21,58 +33,135 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str | Path, title: str) -> None:
+    """Title, save and close a figure."""
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def heatmaps(mats: dict[str, torch.Tensor], path: str | Path, title: str = "") -> None:
-    """Annotated kernel magnitude heatmaps side by side."""
+    """Kernel magnitude heatmaps: one shared 0-1 colour scale and bar, values in the cells."""
     plt = _plt()
     n = len(mats)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(3.0 * n + 0.8, 3.3), squeeze=False,
+                             constrained_layout=True)
+    image = None
     for ax, (name, m) in zip(axes[0], mats.items()):
         m = m.float()
-        ax.imshow(m.numpy(), cmap="viridis", vmin=0, vmax=1)
+        image = ax.imshow(m.numpy(), cmap="viridis", vmin=0, vmax=1)
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
-                ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center",
-                        color="white" if m[i, j] < 0.6 else "black", fontsize=9)
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center",
+                        color="white" if m[i, j] < 0.6 else "black", fontsize=8)
         ax.set_title(name, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[0]), shrink=0.85, label="normalized Σ|w|")
+    _save(plt, fig, path, title)
+
+
+def _band(ax, x: list[float], mean: list[float], std: list[float], colour: str,
+          style: str = "-", label: str | None = None) -> None:
+    """A mean line with a ± std band."""
+    m, s = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+    ax.plot(x, m, style, color=colour, lw=1.5, marker="o", ms=2.5, label=label)
+    if bool((s > 0).any()):
+        ax.fill_between(x, m - s, m + s, color=colour, alpha=0.18, lw=0)
+
+
+def _legend_below(fig, axes, ncol: int = 4) -> None:
+    """One legend for the whole figure, below the panels (each label once)."""
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, h)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="upper center", ncol=min(ncol, len(seen)),
+                   fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0))
+
+
+def _grid(plt, n: int, width: float = 3.6, height: float = 3.0, cols: int = 3):
+    """A figure with ``n`` panels in rows of at most ``cols``; the unused axes removed."""
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows),
+                             squeeze=False, layout="constrained")
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.remove()
+    return fig, flat[:n]
+
+
+def training_curves(panels: dict[str, dict[str, dict[str, Any]]], path: str | Path,
+                    title: str = "", labels: dict[str, str] | None = None) -> None:
+    """Accuracy per epoch, one panel per key, ``panels[panel][slug] = {epochs, mean, std}``."""
+    plt = _plt()
+    fig, axes = _grid(plt, max(len(panels), 1))
+    for ax, (name, lines) in zip(axes, panels.items()):
+        for slug, c in lines.items():
+            _band(ax, c["epochs"], c["mean"], c["std"], VARIANT_COLOURS.get(slug, _OTHER),
+                  VARIANT_STYLES.get(slug, "-"), (labels or {}).get(slug, slug))
+        _zoom(ax, lines.values())
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy")
+        _percent(ax)
+        ax.grid(alpha=0.3)
+    _legend_below(fig, axes)
+    _save(plt, fig, path, title)
+
+
+def _zoom(ax, curves) -> None:
+    """On long schedules, a y range without the first epoch (which would hide the plateau)."""
+    curves = list(curves)
+    if not curves or max(max(c["epochs"]) for c in curves) < 5:
+        return
+    lows = [m - s for c in curves for m, s, e in zip(c["mean"], c["std"], c["epochs"]) if e >= 2]
+    highs = [m + s for c in curves for m, s, e in zip(c["mean"], c["std"], c["epochs"]) if e >= 2]
+    if lows and max(highs) > min(lows):
+        pad = 0.1 * (max(highs) - min(lows))
+        ax.set_ylim(min(lows) - pad, max(highs) + pad)
+
+
+def _percent(ax) -> None:
+    """Accuracy axis in %."""
+    from matplotlib.ticker import PercentFormatter
+
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+
+
+def sparsity_panels(studies: dict[str, dict[str, dict[str, Any]]], path: str | Path,
+                    title: str = "", colours: dict[str, str] | None = None) -> None:
+    """Accuracy vs fraction zeroed, one panel per pattern: ``studies[group][pattern]``."""
+    plt = _plt()
+    patterns = list(dict.fromkeys(p for study in studies.values() for p in study))
+    fig, axes = _grid(plt, max(len(patterns), 1), width=3.4, height=3.0)
+    for ax, pattern in zip(axes, patterns):
+        for group, study in studies.items():
+            if pattern in study:
+                c = study[pattern]
+                _band(ax, c["ratios"], c["mean"], c["std"], (colours or {}).get(group, _OTHER),
+                      label=group)
+        ax.set_title(pattern, fontsize=10)
+        ax.set_xlabel("fraction of weights zeroed")
+        ax.set_ylabel("test accuracy")
+        _percent(ax)
+        ax.grid(alpha=0.3)
+    _legend_below(fig, axes)
+    _save(plt, fig, path, title)
 
 
 def sparsity_curves(curves: dict[str, dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """Accuracy vs sparsity ratio; ``curves[label] = {"ratios", "mean", "std"}``."""
+    """Accuracy vs sparsity ratio in one panel; ``curves[label] = {ratios, mean, std}``."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, c in curves.items():
-        mean, std = torch.tensor(c["mean"]), torch.tensor(c["std"])
-        ax.plot(c["ratios"], mean, marker="o", ms=3, label=label)
-        ax.fill_between(c["ratios"], mean - std, mean + std, alpha=0.2)
-    _accuracy_axes(plt, fig, ax, "fraction of weights zeroed", title, path, legend_size=8)
-
-
-def training_curves(runs: dict[str, list[dict[str, Any]]], path: str | Path,
-                    title: str = "") -> None:
-    """Test accuracy per epoch for each run (metrics.jsonl rows)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, rows in runs.items():
-        ax.plot([r["epoch"] for r in rows], [r["test_acc"] for r in rows], label=label, lw=1)
-    _accuracy_axes(plt, fig, ax, "epoch", title, path, legend_size=7)
-
-
-def _accuracy_axes(plt, fig, ax, xlabel: str, title: str, path: str | Path,
-                   legend_size: int) -> None:
-    """Label an accuracy plot, save it and close the figure."""
-    ax.set_xlabel(xlabel)
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    for i, (label, c) in enumerate(curves.items()):
+        _band(ax, c["ratios"], c["mean"], c["std"], f"C{i % 10}", label=label)
+    ax.set_xlabel("fraction of weights zeroed")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    _save(plt, fig, path, title)

@@ -34,7 +34,7 @@ class StudyPreset:
 STUDY_PRESETS: dict[str, StudyPreset] = {
     "quick": StudyPreset(
         "quick", "fashion-mnist", ("cifar_quick",), (0, 1, 2), "cifar_quick",
-        train={"epochs": 3, "lr": 0.05, "nesterov": True},
+        train={"epochs": 3, "lr": 0.05, "nesterov": True, "augment": False},
         ratios=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), draws=2, analysis_test_limit=1000,
         ablation=False,
         description="about 18 minutes on 2 idle CPU cores: Cifar-quick, baseline vs ACNet, on "

@@ -1,7 +1,12 @@
-"""report.md of a study: one function per section, each returning its markdown lines."""
+"""report.md of a study: one function per section, each returning its markdown lines.
+
+A study takes several sessions, so every section works on the runs finished so far and names
+the runs it still waits for ("pending: runs ...") instead of failing.
+"""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +15,29 @@ import torch
 from ..analysis import plots
 from ..analysis.kernels import pattern_mask
 from ..data.loader import TRANSFORMS
-from .presets import ABLATION, ACNET, CORNER, StudyPreset
-from .results import accuracies, deployment_check, main_result, mean_std
+from .presets import ABLATION, ACNET, BASE, CORNER, LONG, ONLINE, StudyPreset
+from .results import (
+    PLATEAU_FRACTION,
+    STUDY_GROUPS,
+    accuracies,
+    deployment_check,
+    int8_rows,
+    main_result,
+    mean_std,
+    pending_runs,
+)
 
-__all__ = ["write_report", "main_table"]
+__all__ = ["write_report", "main_table", "deployment_lines", "progress_lines"]
 
 TRANSFORM_TITLES = {"none": "normal", "hflip": "horizontal flip", "vflip": "vertical flip",
                     "rot90": "rotate 90°"}
+# short names of the variants in figures and the compact tables
+SHORT = {BASE: "baseline", ACNET: "ACNet", "hor": "+horizontal only", "ver": "+vertical only",
+         "nobn": "no branch BN", ONLINE: "online ACNet", CORNER: "corner ACNet",
+         LONG: "baseline, longer schedule"}
+# the ablation model's extra panels of the training-curve figure (ACNet drawn in each)
+ABLATION_PANELS = {"one branch": ("hor", "ver", ACNET),
+                   "other forms": ("nobn", ONLINE, CORNER, ACNET)}
 
 
 def _pm(xs: list[float], pct: bool = True) -> str:
@@ -28,11 +49,26 @@ def _pm(xs: list[float], pct: bool = True) -> str:
     return f"{m * k:.2f} ± {s * k:.2f}"
 
 
+def _pending(names: list[str]) -> str:
+    """The one line a section without (all) its data shows."""
+    return f"pending: runs {', '.join(names)}" if names else "pending: no finished runs"
+
+
+def progress_lines(res: dict[str, Any]) -> list[str]:
+    """'Study in progress: K of N runs finished' and the pending runs; nothing when complete."""
+    pending = pending_runs(res)
+    if not pending:
+        return []
+    done = len(res["runs"])
+    return [f"**Study in progress: {done} of {res.get('planned', done + len(pending))} runs "
+            f"finished.** Pending: {', '.join(pending)}.", ""]
+
+
 def _header(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
-    """Title, command, data, machine."""
+    """Title, progress, command, data, machine."""
     m, sw = res["machine"], res["software"]
-    return [f"# ACNet study: preset `{preset.name}`", "", f"{preset.description}.", "",
-            f"Command: `{res.get('command', '')}`", "",
+    return [f"# ACNet study: preset `{preset.name}`", "", *progress_lines(res),
+            f"{preset.description}.", "", f"Command: `{res.get('command', '')}`", "",
             f"Dataset: {preset.dataset}; seeds: {', '.join(map(str, res['seeds']))}; "
             f"machine: {m.get('gpu') or m['cpu']} ({m['threads']} threads); Python "
             f"{sw['python']}, PyTorch {sw['torch']}.", "",
@@ -41,23 +77,31 @@ def _header(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
 
 
 def main_table(res: dict[str, Any], models: tuple[str, ...]) -> list[str]:
-    """Baseline vs ACNet per model, with the seed-noise verdict."""
+    """Baseline vs ACNet per model, with the seed-noise verdict (or the pending runs)."""
     lines = ["| model | epochs | train images | baseline | ACNet | gain | beyond seed noise? |",
              "|---|---|---|---|---|---|---|"]
     for model in models:
         r = main_result(res, model)
-        run = next(x for x in res["runs"].values() if x["model"] == model)
-        lines.append(f"| {model} | {run['epochs']} | {run['train_images']} | {_pm(r['base'])} | "
-                     f"{_pm(r['acnet'])} | {r['gain'] * 100:+.2f} | {r['verdict']} "
-                     f"(2 s.e. = {2 * r['se'] * 100:.2f}) |")
+        run = next((x for x in res["runs"].values()
+                    if x["model"] == model and x["variant"] in (BASE, ACNET)), None)
+        size = f"{run['epochs']} | {run['train_images']}" if run else "– | –"
+        if r["base"] and r["acnet"]:
+            tail = (f"{r['gain'] * 100:+.2f} | {r['verdict']} "
+                    f"(2 s.e. = {2 * r['se'] * 100:.2f})")
+        else:
+            tail = f"– | {_pending(pending_runs(res, model, (BASE, ACNET)))}"
+        lines.append(f"| {model} | {size} | {_pm(r['base'])} | {_pm(r['acnet'])} | {tail} |")
     return lines
 
 
-def _headline(model: str, r: dict[str, Any]) -> list[str]:
+def _headline(res: dict[str, Any], model: str) -> list[str]:
     """One model's result in words: means, gain, verdict, and the per-seed paired differences."""
+    r = main_result(res, model)
+    if not (r["base"] and r["acnet"]):
+        return [f"**{model}**: {_pending(pending_runs(res, model, (BASE, ACNET)))}.", ""]
     lines = [f"**{model}: ACNet {_pm(r['acnet'])} vs baseline {_pm(r['base'])} "
-             f"({len(r['base'])} seeds): {r['gain'] * 100:+.2f} points; beyond seed noise: "
-             f"{r['verdict']}.**", ""]
+             f"({len(r['base'])} vs {len(r['acnet'])} seeds): {r['gain'] * 100:+.2f} points; "
+             f"beyond seed noise: {r['verdict']}.**", ""]
     diffs = r["paired"]
     if diffs:
         wins = sum(d > 0 for d in diffs.values())
@@ -73,46 +117,62 @@ def _main(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     """Section: baseline vs ACNet per model, with the per-seed paired differences."""
     lines = ["## Main result", ""]
     for model in preset.models:
-        lines += _headline(model, main_result(res, model))
+        lines += _headline(res, model)
     return [*lines, *main_table(res, preset.models), "",
             "\"Beyond seed noise\" means the difference exceeds twice the standard error of the "
             "difference of the two means.", ""]
 
 
+def deployment_lines(res: dict[str, Any], prefix: str = "- ") -> list[str]:
+    """One line per model: trained vs deployed outputs, and the parameter counts."""
+    lines = []
+    for model, c in deployment_check(res).items():
+        params = ", ".join(f"{k} {c[key]:,}" for k, key in (
+            ("base", "params_base"), ("ACNet training", "params_acnet"),
+            ("ACNet deployed", "params_deployed")) if c[key] is not None)
+        lines.append(f"{prefix}{model}: max |logit difference| {c['max_abs_diff']:.2g}, "
+                     f"identical predictions {c['agreement'] * 100:.2f}% (worst of "
+                     f"{c['runs']} runs); parameters: {params}")
+    return lines
+
+
 def _deployment(res: dict[str, Any]) -> list[str]:
     """Section: every run's trained model vs its deployed (fused, BN-folded) form."""
-    lines = ["## Deployment check", "",
-             "Every run's trained model vs its deployed form on the test set:", ""]
-    for model, c in deployment_check(res).items():
-        lines.append(f"- {model}: max |logit difference| {c['max_abs_diff']:.2g}, identical "
-                     f"predictions {c['agreement'] * 100:.2f}%; parameters: base "
-                     f"{c['params_base']:,}, ACNet training {c['params_acnet']:,} -> deployed "
-                     f"{c['params_deployed']:,}")
-    return lines + [""]
+    return ["## Deployment check", "",
+            "Every finished run's trained model vs its deployed form on the test set:", "",
+            *deployment_lines(res), ""]
 
 
 def _ablation(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     """Section: every ablation variant under each test transform."""
     am = preset.ablation_model
     lines = [f"## Ablation ({am}), with robustness to flips and rotation", "",
-             "| variant | " + " | ".join(TRANSFORM_TITLES[t] for t in TRANSFORMS) + " |",
-             "|---|" + "---|" * len(TRANSFORMS)]
+             "| variant | seeds | " + " | ".join(TRANSFORM_TITLES[t] for t in TRANSFORMS)
+             + " |", "|---|---|" + "---|" * len(TRANSFORMS)]
     for slug, variant in ABLATION.items():
-        rows = [r for r in res["runs"].values() if r["model"] == am and r["variant"] == slug]
+        rows = [r for r in res["runs"].values() if r["model"] == am and r["variant"] == slug
+                and "robustness" in r]
         if rows:
-            cells = [_pm([r["robustness"][t] for r in rows if "robustness" in r])
-                     for t in TRANSFORMS]
-            lines.append(f"| {variant.label} | " + " | ".join(cells) + " |")
-    return lines + [""]
+            cells = [_pm([r["robustness"][t] for r in rows]) for t in TRANSFORMS]
+            lines.append(f"| {variant.label} | {len(rows)} | " + " | ".join(cells) + " |")
+    if len(lines) == 4:
+        lines = lines[:2]
+    missing = pending_runs(res, am, tuple(ABLATION))
+    return lines + ([""] if len(lines) > 2 else []) + ([_pending(missing), ""] if missing
+                                                       else [""])
 
 
 def _corner(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     """Section: centre vs corner position of the asymmetric kernels."""
     am = preset.ablation_model
-    return ["## Centre vs corner ACB", "",
-            f"ACNet with the asymmetric kernels on the centre row/column: "
-            f"{_pm(accuracies(res, am, ACNET))}; on the last row/column (corner, paper Fig. "
-            f"6c): {_pm(accuracies(res, am, CORNER))}.", ""]
+    centre, corner = accuracies(res, am, ACNET), accuracies(res, am, CORNER)
+    lines = ["## Centre vs corner ACB", ""]
+    if centre and corner:
+        lines.append(f"ACNet with the asymmetric kernels on the centre row/column: "
+                     f"{_pm(centre)} ({len(centre)} seeds); on the last row/column (corner, "
+                     f"paper Fig. 6c): {_pm(corner)} ({len(corner)} seeds).")
+    missing = pending_runs(res, am, (ACNET, CORNER))
+    return lines + ([_pending(missing)] if missing else []) + [""]
 
 
 def _pattern_mean(m: torch.Tensor, pattern: str) -> float:
@@ -120,23 +180,31 @@ def _pattern_mean(m: torch.Tensor, pattern: str) -> float:
     return m[pattern_mask(pattern, m.shape[0])].mean().item()
 
 
+def _group_pending(preset: StudyPreset, res: dict[str, Any], present: dict[str, Any]
+                   ) -> list[str]:
+    """Pending runs of the kernel/sparsity study groups that have no data yet."""
+    slugs = tuple(s for t, s in STUDY_GROUPS.items() if t not in present)
+    return pending_runs(res, preset.ablation_model, slugs) if slugs else []
+
+
 def _kernels(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
     """Section: kernel magnitude matrices (and their figure)."""
+    lines = ["## Kernel magnitude matrix", ""]
+    missing = _group_pending(preset, res, res["kernel_magnitude"])
     if not res["kernel_magnitude"]:
-        return []
+        return lines + [_pending(missing), ""] if missing else []
     mats = {k: torch.tensor(v) for k, v in res["kernel_magnitude"].items()}
     plots.heatmaps(mats, out / "kernel_magnitude.png",
                    f"{preset.ablation_model}: average normalized kernel magnitude")
-    lines = ["## Kernel magnitude matrix", "",
-             "Σ|w| per kernel position of every BN-folded d×d kernel, normalized per layer "
-             "and averaged (paper Fig. 6), averaged over seeds.", "",
-             "![kernel magnitude](kernel_magnitude.png)", ""]
+    lines += ["Σ|w| per kernel position of every BN-folded d×d kernel of the deployed model, "
+              "normalized per layer and averaged (paper Fig. 6), averaged over seeds.", "",
+              "![kernel magnitude](kernel_magnitude.png)", ""]
     for k, m in mats.items():
         d = m.shape[0]
         lines.append(f"- {k}: centre {m[d // 2, d // 2].item():.3f}, skeleton mean "
                      f"{_pattern_mean(m, 'skeleton'):.3f}, corner mean "
                      f"{_pattern_mean(m, 'corners'):.3f}")
-    return lines + [""]
+    return lines + ([""] + [_pending(missing)] if missing else []) + [""]
 
 
 def _test_images(preset: StudyPreset) -> str:
@@ -147,66 +215,237 @@ def _test_images(preset: StudyPreset) -> str:
 
 def _sparsity(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
     """Section: accuracy after sparsifying skeleton, corners, all (and the figure)."""
+    lines = ["## Sparsifying the skeleton vs the corners", ""]
+    missing = _group_pending(preset, res, res["sparsity"])
     if not res["sparsity"]:
-        return []
-    curves = {f"{title}: {pattern}": cur for title, study in res["sparsity"].items()
-              for pattern, cur in study.items()}
-    plots.sparsity_curves(curves, out / "sparsity.png",
+        return lines + [_pending(missing), ""] if missing else []
+    colours = {t: plots.VARIANT_COLOURS[s] for t, s in STUDY_GROUPS.items()}
+    plots.sparsity_panels(res["sparsity"], out / "sparsity.png",
                           f"{preset.ablation_model}: accuracy after zeroing kernel weights at "
-                          f"random")
-    ratios = next(iter(curves.values()))["ratios"]
-    lines = ["## Sparsifying the skeleton vs the corners", "",
-             f"Fraction of the weights at the pattern's positions set to zero at random "
-             f"(mean ± std over {preset.draws} draws; seed-{res['seeds'][0]} runs; "
-             f"{_test_images(preset)}).", "",
-             "![sparsity](sparsity.png)", "",
-             "| model | pattern | " + " | ".join(f"{r:g}" for r in ratios) + " |",
-             "|---|---|" + "---|" * len(ratios)]
+                          f"random", colours)
+    ratios = next(iter(next(iter(res["sparsity"].values())).values()))["ratios"]
+    seeds = res.get("sparsity_seed", {})
+    lines += [f"Fraction of the weights at the pattern's positions set to zero at random "
+              f"(mean ± std over {preset.draws} draws; one run per group: "
+              + ", ".join(f"{t} seed {s}" for t, s in seeds.items())
+              + f"; {_test_images(preset)}).", "", "![sparsity](sparsity.png)", "",
+              "| model | pattern | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+              "|---|---|" + "---|" * len(ratios)]
     for title, study in res["sparsity"].items():
         for pattern, cur in study.items():
             lines.append(f"| {title} | {pattern} | "
                          + " | ".join(f"{m * 100:.1f}" for m in cur["mean"]) + " |")
-    return lines + [""]
+    return lines + [""] + ([_pending(missing), ""] if missing else [])
 
 
-def _cost(res: dict[str, Any]) -> list[str]:
-    """Section: params, MACs, latency and training time."""
+def _rise_cell(r: dict[str, Any] | None) -> str:
+    """'+0.12 (epochs 12 → 15)' or n/a."""
+    if not r:
+        return "n/a (too few epochs)"
+    return f"{r['rise'] * 100:+.2f} (epoch {r['from_epoch']} → {r['to_epoch']})"
+
+
+def _convergence(p: dict[str, Any]) -> str:
+    """Whether the study's schedule had converged, from the longer run and the late rise."""
+    delta, noise, rise = p["vs_mean"], p["noise"], p["rise_base"]
+    if noise is None:
+        return "too few seeds to judge seed noise"
+    band = f"±{noise * 100:.2f}"
+    if abs(delta) > noise:
+        return (f"outside seed noise ({band}): the {p['epochs']}-epoch schedule had NOT "
+                f"converged" if delta > 0 else f"outside seed noise ({band}), lower: longer "
+                f"training did worse, the {p['epochs']}-epoch schedule had converged")
+    if rise and rise["rise"] > noise:
+        return (f"within seed noise ({band}), but the baseline's mean test accuracy still rose "
+                f"{rise['rise'] * 100:+.2f} over epochs {rise['from_epoch']}-"
+                f"{rise['to_epoch']}: not clearly converged")
+    return f"within seed noise ({band}): the {p['epochs']}-epoch schedule had converged"
+
+
+def _plateau_words(model: str, p: dict[str, Any]) -> str:
+    """The plateau check of one model in one plain sentence."""
+    same = "" if p["vs_same_seed"] is None else \
+        f" ({p['vs_same_seed'] * 100:+.2f} against the same seed)"
+    return (f"{model}: {p['long_epochs']} instead of {p['epochs']} epochs changes the baseline "
+            f"by {p['vs_mean'] * 100:+.2f} points against the {len(p['base'])}-seed mean{same}, "
+            f"{_convergence(p)}.")
+
+
+def _plateau(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
+    """Section: has the schedule converged? Longer baseline vs the study's, and late rises."""
+    plateau = res.get("plateau", {})
+    pct = round(PLATEAU_FRACTION * 100)
+    lines = ["## Has the schedule converged?", "",
+             f"Rise of the mean test accuracy (training curves, mean over seeds) over the last "
+             f"{pct} % of the epochs, and one baseline trained longer (first seed).", "",
+             "| model | baseline (epochs) | rise, last epochs | seed baseline | longer baseline "
+             "| longer − mean | rise, last epochs (longer) |", "|---|---|---|---|---|---|---|"]
+    words = []
+    for model in preset.models:
+        p = plateau.get(model, {})
+        if not p.get("base"):
+            continue
+        cells = [f"{_pm(p['base'])} ({p['epochs']})", _rise_cell(p["rise_base"])]
+        if "long" in p:
+            same = "n/a" if p["same_seed"] is None else f"{p['same_seed'] * 100:.2f}"
+            cells += [f"seed {p['seed']}: {same}", f"{p['long'] * 100:.2f} ({p['long_epochs']})",
+                      f"{p['vs_mean'] * 100:+.2f}", _rise_cell(p["rise_long"])]
+            words.append(_plateau_words(model, p))
+        else:
+            cells += ["–", _pending(pending_runs(res, model, (LONG,))) if model in
+                      preset.plateau else "not planned", "–", "–"]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    if len(lines) == 6:
+        return lines[:4] + [_pending(pending_runs(res, variants=(BASE,))), ""]
+    return lines + [""] + [f"- {w}" for w in words] + ([""] if words else [])
+
+
+def _int8(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
+    """Section: fp32 vs static INT8 (onnxruntime) of the deployed base, ACNet, online runs."""
+    if not preset.int8:
+        return []
+    lines = ["## INT8 deployment", ""]
+    status = res.get("int8_status", {})
+    if not status.get("available", False):
+        return lines + [f"Not measured: {status.get('error') or 'no INT8 results'}.", ""]
+    rows = int8_rows(res, (BASE, ACNET, ONLINE))
+    first = next((r["int8"] for r in res["runs"].values() if r.get("int8")), None)
+    if first:
+        lines += [f"Each run's deployed model exported to ONNX (fp32) and quantized to static "
+                  f"INT8 by onnxruntime (QDQ, {first['calibration_method']} calibration on "
+                  f"{first['calibration_images']} training images, per-"
+                  f"{'channel' if first['per_channel'] else 'tensor'} weights), both evaluated "
+                  f"on {first['test_images']:,} test images; mean ± std over seeds.", "",
+                  "| model | variant | seeds | fp32 ONNX | INT8 | change | identical "
+                  "predictions |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {SHORT[r['variant']]} | {len(r['fp32'])} | "
+                     f"{_pm(r['fp32'])} | {_pm(r['int8'])} | {_pm(r['change'])} | "
+                     f"{_pm(r['agreement'])} |")
+    missing = pending_runs(res, variants=(BASE, ACNET, ONLINE))
+    return lines + [""] + ([_pending(missing), ""] if missing else [])
+
+
+def _inference_cost(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
+    """Section: params, MACs and latency of the deployed models."""
     lines = ["## Inference cost", "",
              "Deployed with conv-BN folded, batch 1, median CPU latency interleaved in one "
              "process.", "",
              "| model | params base | params ACNet deployed | params ACNet training | MACs base "
-             "| MACs ACNet deployed | latency base ms | latency ACNet ms | train s base | "
-             "train s ACNet |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for model, c in res["cost"].items():
+             "| MACs ACNet deployed | latency base ms | latency ACNet ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    missing = []
+    for model in preset.models:
+        c = res["cost"].get(model)
+        if c is None:
+            missing += pending_runs(res, model, (BASE, ACNET))
+            continue
         lines.append(f"| {model} | {c['params_base']:,} | {c['params_acnet_deployed']:,} | "
                      f"{c['params_acnet_training']:,} | {c['macs_base']:,} | "
                      f"{c['macs_acnet_deployed']:,} | {c['latency_ms_base']:.3f} | "
-                     f"{c['latency_ms_acnet']:.3f} | {c['train_seconds_base']:.0f} | "
-                     f"{c['train_seconds_acnet']:.0f} |")
-    return lines + ["", "Params and MACs are counted on the deployed models; \"train s\" is each "
-                    "run's wall-clock (mean over seeds) as it happened, possibly sharing the "
-                    "machine with other work: `acnet bench` measures the training cost properly, "
-                    "interleaved."]
+                     f"{c['latency_ms_acnet']:.3f} |")
+    if not res["cost"]:
+        return lines[:2] + [_pending(missing), ""]
+    return lines + [""] + ([_pending(missing), ""] if missing else [])
 
 
-def _curves(res: dict[str, Any], out: Path) -> list[str]:
-    """Section: training curves of the first seed (figure)."""
-    first = min(res["seeds"])
-    curves = {f"{r['model']} {r['label']}": r["curve"] for r in res["runs"].values()
-              if r["seed"] == first}
-    plots.training_curves(curves, out / "training_curves.png",
-                          f"test accuracy per epoch (seed {first})")
-    return ["", "## Training curves", "", "![training curves](training_curves.png)", "",
-            "Numbers behind every table: `results.json`; per-run directories: `runs/`."]
+def _load_cell(r: dict[str, Any]) -> str:
+    """The 1-minute load averages before/after a benchmark."""
+    return " / ".join("?" if v is None else f"{v:.1f}" for v in r.get("load_avg", [None, None]))
+
+
+def _wall_clock(res: dict[str, Any], model: str) -> str:
+    """Mean wall-clock seconds per run, baseline / ACNet / online, as they happened."""
+    cells = []
+    for v in (BASE, ACNET, ONLINE):
+        s = accuracies(res, model, v, key="seconds")
+        cells.append(f"{statistics.fmean(s):.0f}" if s else "–")
+    return " / ".join(cells)
+
+
+def _training_cost(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
+    """Section: training-step cost by the benchmark's method; wall-clock only as context."""
+    bench = res.get("training_cost", {})
+    lines = ["## Training cost", ""]
+    if not bench:
+        return lines + [_pending(pending_runs(res)), ""]
+    r0 = next(iter(bench.values()))
+    lines += [f"Median time of one training step (forward, backward, SGD; batch as trained, "
+              f"channels-last) on the CPU, every variant built from the same model and timed "
+              f"in turn in one process ({r0['repeats']} interleaved repeats after "
+              f"{r0['warmup']} warm-up, torch threads: {r0['threads']}): `acnet bench`'s "
+              f"method. The "
+              f"ratios to the conv-BN baseline are the cost; the 1-minute load average before "
+              f"/ after shows whether other work shared the machine (remeasure by deleting "
+              f"`cost_bench.json`).", "",
+              "| model | batch | baseline ms/step | ACNet | online ACNet | no branch BN | load "
+              "| wall-clock s/run: baseline / ACNet / online (as it happened) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for model, r in bench.items():
+        q = r["ratio"]
+        lines.append(f"| {model} | {r['batch']} | {r['ms']['base']:.1f} | {q['acb']:.2f}× | "
+                     f"{q.get('acb_online', float('nan')):.2f}× | "
+                     f"{q.get('acb_no_branch_bn', float('nan')):.2f}× | {_load_cell(r)} | "
+                     f"{_wall_clock(res, model)} |")
+    return lines + ["", "The wall-clock column is each run's own training time (mean over "
+                    "seeds), measured while other runs or work may have shared the CPU: "
+                    "context, not the cost.", ""]
+
+
+def _band(curves: list[list[dict[str, Any]]]) -> dict[str, Any] | None:
+    """Mean and std of test accuracy per epoch over runs (epochs all of them have)."""
+    per_run = [{int(r["epoch"]): r["test_acc"] for r in c} for c in curves if c]
+    if not per_run:
+        return None
+    epochs = sorted(set.intersection(*(set(c) for c in per_run)))
+    stats = [mean_std([c[e] for c in per_run]) for e in epochs]
+    return {"epochs": epochs, "mean": [m for m, _ in stats], "std": [s for _, s in stats]}
+
+
+def _curve_panels(preset: StudyPreset, res: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Figure panels: one per model, then the ablation model's variants in small groups."""
+    def lines(model: str, slugs: tuple[str, ...]) -> dict[str, Any]:
+        """The mean ± std band of each variant that has runs."""
+        out = {}
+        for slug in slugs:
+            band = _band([r["curve"] for r in res["runs"].values()
+                          if r["model"] == model and r["variant"] == slug])
+            if band:
+                out[slug] = band
+        return out
+
+    panels = {model: lines(model, (BASE, ACNET, LONG)) for model in preset.models}
+    if preset.ablation:
+        for title, slugs in ABLATION_PANELS.items():
+            extra = lines(preset.ablation_model, slugs)
+            if set(extra) - {ACNET}:
+                panels[f"{preset.ablation_model}: {title}"] = extra
+    return {k: v for k, v in panels.items() if v}
+
+
+def _curves(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
+    """Section: training curves, mean ± std over seeds (figure)."""
+    panels = _curve_panels(preset, res)
+    lines = ["## Training curves", ""]
+    if panels:
+        plots.training_curves(panels, out / "training_curves.png",
+                              "test accuracy per epoch (mean ± std over seeds)", SHORT)
+        lines += ["One panel per model (the dashed line: the baseline trained longer, first "
+                  "seed); the ablation variants of " f"{preset.ablation_model} in the last "
+                  "panels, with ACNet for reference. Same colour, same variant, in every "
+                  "figure.", "", "![training curves](training_curves.png)", ""]
+    return lines + ["Numbers behind every table: `results.json`; per-run directories: "
+                    "`runs/`."]
 
 
 def write_report(preset: StudyPreset, out: Path, res: dict[str, Any]) -> Path:
     """report.md with the tables and the PNG figures beside it."""
     out = Path(out)
     ablation = [*_ablation(preset, res), *_corner(preset, res)] if preset.ablation else []
-    lines = [*_header(preset, res), *_main(preset, res), *_deployment(res), *ablation,
-             *_kernels(preset, res, out), *_sparsity(preset, res, out),
-             *_cost(res), *_curves(res, out)]
+    lines = [*_header(preset, res), *_main(preset, res), *_deployment(res),
+             *_plateau(preset, res), *ablation, *_kernels(preset, res, out),
+             *_sparsity(preset, res, out), *_int8(preset, res), *_inference_cost(preset, res),
+             *_training_cost(preset, res), *_curves(preset, res, out)]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

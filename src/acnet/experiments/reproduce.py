@@ -16,21 +16,35 @@ import torch
 from ..analysis import kernel_magnitude, robustness, sparsity_study
 from ..analysis.cost import count_macs, count_params, latency_ratio
 from ..analysis.kernels import dominant_kernel_size
-from ..bench import machine
+from ..bench import bench_training, machine
 from ..convert import deploy
 from ..io import save_json
-from ..runs import load_deployed_model, load_trained, run_test_split
+from ..runs import load_deployed_model, run_test_split
 from ..train import RunDir, TrainConfig, build_base_model, train
-from .presets import ACNET, BASE, CORNER, STUDY_PRESETS, RunSpec, StudyPreset, runs_of
-from .report import main_table, write_report
-from .results import RESULTS, deployment_check, mean_std
+from .presets import (
+    ABLATION,
+    ACNET,
+    BASE,
+    ONLINE,
+    STUDY_PRESETS,
+    RunSpec,
+    StudyPreset,
+    runs_of,
+)
+from .report import deployment_lines, main_table, progress_lines, write_report
+from .results import RESULTS, STUDY_GROUPS, mean_std, plateau_check
 
 log = logging.getLogger(__name__)
 
 __all__ = ["reproduce", "analyze_runs", "write_report", "summary", "RESULTS"]
 
-# kernel magnitude and sparsity: these variants of the ablation model, under these titles
-STUDY_GROUPS = {"base": BASE, "ACNet": ACNET, "corner ACNet": CORNER}
+COST_BENCH = "cost_bench.json"  # the training-step benchmark of each model, in the study dir
+BENCH_REPEATS = 10  # interleaved repeats of that benchmark (whatever the preset)
+BENCH_WARMUP = 2
+INT8_VARIANTS = (BASE, ACNET, ONLINE)  # runs whose deployed model is also measured in INT8
+INT8_KEYS = ("onnx_test_acc", "int8_test_acc", "int8_agreement")
+INT8_CALIBRATION = 512  # calibration images (training set, seed 0), as `acnet export --int8`
+INT8_ONNX = "int8-check.onnx"  # written inside the run dir while measuring, then deleted
 
 
 def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
@@ -53,7 +67,7 @@ def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
     preset = STUDY_PRESETS[preset_name]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = runs_of(preset, seeds)
+    planned = runs = runs_of(preset, seeds)
     if train_runs:
         _train_all(runs, out, device, data_dir, jobs)
     else:
@@ -61,7 +75,7 @@ def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
         if not runs:
             raise ValueError(f"no finished runs of preset {preset_name!r} in {out / 'runs'}")
     if analyze:
-        results = analyze_runs(preset, out, runs)
+        results = analyze_runs(preset, out, runs, planned)
         results["command"] = command or f"acnet reproduce --preset {preset_name} --out {out}"
         results["seeds"] = list(dict.fromkeys(s.seed for s in runs))
         save_json(out / RESULTS, results)
@@ -139,7 +153,8 @@ def _run_entries(preset: StudyPreset, out: Path, runs: list[RunSpec]) -> dict[st
         run = _run(out, spec)
         entry = {"model": spec.model, "variant": spec.variant, "label": spec.label,
                  "seed": spec.seed, **run.read_metrics(), "curve": run.metrics_lines()}
-        if preset.ablation and spec.model == preset.ablation_model:
+        if (preset.ablation and spec.model == preset.ablation_model
+                and spec.variant in ABLATION):
             entry["robustness"] = _robustness(run)
         entries[spec.name] = entry
     return entries
@@ -157,31 +172,33 @@ def _sparsity(preset: StudyPreset, run: RunDir, model: torch.nn.Module) -> dict[
 
 def _kernels_and_sparsity(preset: StudyPreset, out: Path, runs: list[RunSpec]
                           ) -> dict[str, Any]:
-    """Kernel magnitude (mean over seeds) and sparsity curves (first seed) per study group."""
-    res: dict[str, Any] = {"kernel_magnitude": {}, "sparsity": {}}
+    """Kernel magnitude and sparsity per study group, from deployed.safetensors (BN folded)."""
+    res: dict[str, Any] = {"kernel_magnitude": {}, "sparsity": {}, "sparsity_seed": {}}
     for title, slug in STUDY_GROUPS.items():
         specs = [s for s in runs if s.model == preset.ablation_model and s.variant == slug]
-        trained = [load_trained(_run(out, s).path) for s in specs]
-        mats = [kernel_magnitude(t, dominant_kernel_size(t)) for t in trained]
+        models = [load_deployed_model(_run(out, s).path) for s in specs]
+        mats = [kernel_magnitude(m, dominant_kernel_size(m)) for m in models]
         if mats and len({m.shape[0] for m in mats}) == 1:
             res["kernel_magnitude"][title] = torch.stack(mats).mean(0).tolist()
         if specs:
-            res["sparsity"][title] = _sparsity(preset, _run(out, specs[0]), trained[0])
+            res["sparsity"][title] = _sparsity(preset, _run(out, specs[0]), models[0])
+            res["sparsity_seed"][title] = specs[0].seed
     sizes = {len(v) for v in res["kernel_magnitude"].values()}
     res["kernel_size"] = sizes.pop() if len(sizes) == 1 else None
     return res
 
 
 def _cost(model_name: str, out: Path, runs: list[RunSpec], entries: dict[str, Any]
-          ) -> dict[str, Any]:
-    """Params, MACs and interleaved latency of base vs deployed ACNet, and training time."""
-    base_spec, acb_spec = (next(s for s in runs if s.model == model_name and s.variant == v)
-                           for v in (BASE, ACNET))
+          ) -> dict[str, Any] | None:
+    """Params, MACs and latency of base vs deployed ACNet; None until both have a run."""
+    base_spec, acb_spec = (next((s for s in runs if s.model == model_name and s.variant == v),
+                                None) for v in (BASE, ACNET))
+    if base_spec is None or acb_spec is None:
+        return None
     cfg = _run(out, base_spec).read_config()
     shape = (1, cfg.in_channels, cfg.input_size, cfg.input_size)
     base = deploy(build_base_model(cfg).eval(), fold_bn=True)
-    acb_trained = load_trained(_run(out, acb_spec).path)
-    acb = deploy(acb_trained, fold_bn=True)
+    acb = deploy(load_deployed_model(_run(out, acb_spec).path), fold_bn=True)
     lat = latency_ratio({"base": base, "acnet": acb}, shape)
 
     def seconds(variant: str) -> float:
@@ -189,20 +206,86 @@ def _cost(model_name: str, out: Path, runs: list[RunSpec], entries: dict[str, An
                          if r["model"] == model_name and r["variant"] == variant])[0]
 
     return {"params_base": count_params(base), "params_acnet_deployed": count_params(acb),
-            "params_acnet_training": count_params(acb_trained),
+            "params_acnet_training": entries[acb_spec.name]["params_train"],
             "macs_base": count_macs(base, shape), "macs_acnet_deployed": count_macs(acb, shape),
             "latency_ms_base": lat["ms"]["base"], "latency_ms_acnet": lat["ms"]["acnet"],
             "latency_ratio_acnet": lat["ratio"]["acnet"],
             "train_seconds_base": seconds(BASE), "train_seconds_acnet": seconds(ACNET)}
 
 
-def analyze_runs(preset: StudyPreset, out: Path, runs: list[RunSpec]) -> dict[str, Any]:
-    """Accuracy tables, robustness, kernel magnitudes, sparsity curves, inference cost."""
+def _training_cost(preset: StudyPreset, out: Path, runs: list[RunSpec]) -> dict[str, Any]:
+    """Per model: `acnet bench`'s training-step timing, cached in ``out/cost_bench.json``."""
+    path = out / COST_BENCH
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    for model in preset.models:
+        spec = next((s for s in runs if s.model == model), None)
+        if spec is None or model in cache:
+            continue
+        cfg = _run(out, spec).read_config()
+        log.info("training-step benchmark: %s", model)
+        r = bench_training(model, torch.device("cpu"), batch=cfg.batch_size,
+                           repeats=BENCH_REPEATS, warmup=BENCH_WARMUP,
+                           image=cfg.input_size or cfg.image_size, in_channels=cfg.in_channels)
+        cache[model] = {**r, "repeats": BENCH_REPEATS, "warmup": BENCH_WARMUP,
+                        "threads": torch.get_num_threads()}
+        save_json(path, cache)
+    return {m: cache[m] for m in preset.models if m in cache}
+
+
+def _int8_of(run: RunDir, calibration_images: int) -> dict[str, Any]:
+    """fp32 vs INT8 ONNX accuracy of a run, cached in export.json (the .onnx files deleted)."""
+    cached = run.read_export()
+    if cached and all(k in cached for k in INT8_KEYS):
+        return cached
+    from ..quantize import export_int8_run, int8_path
+
+    onnx = run.path / INT8_ONNX
+    try:
+        result = export_int8_run(run.path, onnx, calibration_images=calibration_images,
+                                 write=False)
+    finally:
+        for f in (onnx, int8_path(onnx)):
+            f.unlink(missing_ok=True)
+    result.update(onnx=onnx.name, int8_onnx=int8_path(onnx).name,
+                  onnx_files="deleted after measuring")
+    run.write_export({**(cached or {}), **result})
+    return result
+
+
+def _int8(out: Path, runs: list[RunSpec], entries: dict[str, Any]) -> dict[str, Any]:
+    """INT8 accuracy of every finished base, ACNet and online run (into its entry)."""
+    for spec in runs:
+        if spec.variant not in INT8_VARIANTS:
+            continue
+        try:
+            x = _int8_of(_run(out, spec),
+                         min(INT8_CALIBRATION, entries[spec.name]["train_images"]))
+        except ImportError as exc:
+            return {"available": False, "error": str(exc)}
+        entries[spec.name]["int8"] = {k: x[k] for k in (*INT8_KEYS, "test_images",
+                                                        "calibration_images",
+                                                        "calibration_method", "per_channel")}
+    return {"available": True, "error": None}
+
+
+def analyze_runs(preset: StudyPreset, out: Path, runs: list[RunSpec],
+                 planned: list[RunSpec] | None = None) -> dict[str, Any]:
+    """Accuracy tables, robustness, kernel magnitudes, sparsity curves, plateau check, INT8,
+    inference and training cost of the finished ``runs``; ``planned``: the study's whole run
+    matrix (those not in ``runs`` are reported as pending)."""
     entries = _run_entries(preset, out, runs)
-    res: dict[str, Any] = {"preset": preset.name, "dataset": preset.dataset,
-                           "seeds": list(preset.seeds), "runs": entries,
-                           **_kernels_and_sparsity(preset, out, runs)}
-    res["cost"] = {m: _cost(m, out, runs, entries) for m in preset.models}
+    done = {s.name for s in runs}
+    res: dict[str, Any] = {
+        "preset": preset.name, "dataset": preset.dataset, "seeds": list(preset.seeds),
+        "runs": entries, "planned": len(planned or runs),
+        "pending": [{"name": s.name, "model": s.model, "variant": s.variant, "seed": s.seed}
+                    for s in planned or [] if s.name not in done],  # in the study's order
+        **_kernels_and_sparsity(preset, out, runs)}
+    res["cost"] = {m: c for m in preset.models if (c := _cost(m, out, runs, entries))}
+    res["training_cost"] = _training_cost(preset, out, runs)
+    if preset.int8:
+        res["int8_status"] = _int8(out, runs, entries)
+    res["plateau"] = {m: plateau_check(res, m) for m in preset.models}
     res["software"] = {"python": platform.python_version(), "torch": torch.__version__,
                        "platform": platform.platform()}
     res["machine"] = machine()
@@ -210,18 +293,12 @@ def analyze_runs(preset: StudyPreset, out: Path, runs: list[RunSpec]) -> dict[st
 
 
 def summary(study_dir: str | Path) -> str:
-    """The main table and the deployment check of a finished study, as text."""
+    """The progress, main table and deployment check of a study, as text."""
     res = json.loads((Path(study_dir) / RESULTS).read_text())
     preset = STUDY_PRESETS.get(res["preset"])
     models = preset.models if preset else tuple(dict.fromkeys(
         r["model"] for r in res["runs"].values()))
-    lines = ["## Main result", "", *main_table(res, models), "",
+    lines = [*progress_lines(res), "## Main result", "", *main_table(res, models), "",
              "Deployment check (every run: trained model vs its deployed, BN-folded form on the "
-             "test set):"]
-    for model, c in deployment_check(res).items():
-        lines.append(f"  {model}: max |logit difference| {c['max_abs_diff']:.2g}, identical "
-                     f"predictions {c['agreement'] * 100:.2f}%; parameters: base "
-                     f"{c['params_base']:,}, ACNet training {c['params_acnet']:,} -> deployed "
-                     f"{c['params_deployed']:,}")
+             "test set):", *deployment_lines(res, "  ")]
     return "\n".join(lines)
-

@@ -1,4 +1,5 @@
-"""What a study's results say: means over seeds, the main comparison, the deployment check."""
+"""What a study's results say: means over seeds, the main comparison, the deployment check,
+the plateau check, INT8 rows and which runs are still pending."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import math
 import statistics
 from typing import Any
 
-from .presets import ACNET, BASE
+from .presets import ACNET, BASE, CORNER, LONG
 
-__all__ = ["RESULTS", "mean_std", "accuracies", "main_result", "paired_differences",
-           "deployment_check"]
+__all__ = ["RESULTS", "STUDY_GROUPS", "mean_std", "accuracies", "main_result", "paired_differences",
+           "deployment_check", "pending_runs", "curve_rise", "plateau_check", "int8_rows"]
 
 RESULTS = "results.json"  # beside report.md in the study directory
+# kernel magnitude and sparsity: these variants of the ablation model, under these titles
+STUDY_GROUPS = {"base": BASE, "ACNet": ACNET, "corner ACNet": CORNER}
+PLATEAU_FRACTION = 0.2  # the plateau check: rise of the test accuracy over this last share
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -21,11 +25,16 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _rows(res: dict[str, Any], model: str, variant: str) -> list[dict[str, Any]]:
+    """Every finished run of ``model`` in ``variant``, by seed."""
+    return sorted((r for r in res["runs"].values()
+                   if r["model"] == model and r["variant"] == variant), key=lambda r: r["seed"])
+
+
 def accuracies(res: dict[str, Any], model: str, variant: str,
                key: str = "deployed_test_acc") -> list[float]:
     """``key`` of every seed's run of ``model`` in ablation ``variant`` (a slug)."""
-    return [r[key] for r in res["runs"].values()
-            if r["model"] == model and r["variant"] == variant]
+    return [r[key] for r in _rows(res, model, variant)]
 
 
 def main_result(res: dict[str, Any], model: str) -> dict[str, Any]:
@@ -33,7 +42,7 @@ def main_result(res: dict[str, Any], model: str) -> dict[str, Any]:
     (the gain exceeds twice the standard error of the difference of the two means)."""
     b, a = accuracies(res, model, BASE), accuracies(res, model, ACNET)
     (mb, sb), (ma, sa) = mean_std(b), mean_std(a)
-    se = math.sqrt(sa ** 2 / max(len(a), 1) + sb ** 2 / max(len(b), 1))
+    se = math.sqrt(sa ** 2 / max(len(a), 1) + sb ** 2 / max(len(b), 1)) if a and b else math.nan
     gain = ma - mb
     if len(a) < 2 or len(b) < 2:
         verdict = "n/a"
@@ -55,14 +64,85 @@ def paired_differences(res: dict[str, Any], model: str) -> dict[int, float]:
 
 
 def deployment_check(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per model: worst trained-vs-deployed logit difference, prediction agreement, params."""
+    """Per model: worst deploy difference, agreement, params (None while runs are pending)."""
     out = {}
     for model in dict.fromkeys(r["model"] for r in res["runs"].values()):
         rows = [r for r in res["runs"].values() if r["model"] == model]
-        base = next(r for r in rows if r["variant"] == BASE)
-        acb = next(r for r in rows if r["variant"] == ACNET)
+        base = next((r for r in rows if r["variant"] == BASE), None)
+        acb = next((r for r in rows if r["variant"] == ACNET), None)
         out[model] = {"max_abs_diff": max(r["max_abs_diff_deploy"] for r in rows),
                       "agreement": min(r["prediction_agreement"] for r in rows),
-                      "params_base": base["params_train"], "params_acnet": acb["params_train"],
-                      "params_deployed": acb["params_deployed"]}
+                      "runs": len(rows),
+                      "params_base": base["params_train"] if base else None,
+                      "params_acnet": acb["params_train"] if acb else None,
+                      "params_deployed": acb["params_deployed"] if acb else None}
     return out
+
+
+def pending_runs(res: dict[str, Any], model: str | None = None,
+                 variants: tuple[str, ...] | None = None) -> list[str]:
+    """Names of the study's runs not finished yet, optionally of one model and variants."""
+    return [p["name"] for p in res.get("pending", [])
+            if (model is None or p["model"] == model)
+            and (variants is None or p["variant"] in variants)]
+
+
+def _mean_curve(curves: list[list[dict[str, Any]]]) -> dict[int, float]:
+    """Mean test accuracy per epoch over runs (epochs every run has)."""
+    per_run = [{int(r["epoch"]): r["test_acc"] for r in c} for c in curves if c]
+    if not per_run:
+        return {}
+    common = set.intersection(*(set(c) for c in per_run))
+    return {e: statistics.fmean(c[e] for c in per_run) for e in sorted(common)}
+
+
+def curve_rise(curves: list[list[dict[str, Any]]], fraction: float = PLATEAU_FRACTION
+               ) -> dict[str, Any] | None:
+    """Rise of the mean test accuracy over epochs E - k to E, k = max(1, round(fraction E))."""
+    mean = _mean_curve(curves)
+    if not mean:
+        return None
+    last = max(mean)
+    start = last - max(1, round(fraction * last))
+    if start not in mean:
+        return None
+    return {"from_epoch": start, "to_epoch": last, "from_acc": mean[start],
+            "to_acc": mean[last], "rise": mean[last] - mean[start], "runs": len(curves)}
+
+
+def plateau_check(res: dict[str, Any], model: str) -> dict[str, Any]:
+    """The study's baseline vs the longer one (noise: 2 s √(1 + 1/n)), and their late rises."""
+    base = _rows(res, model, BASE)
+    out: dict[str, Any] = {"base": [r["deployed_test_acc"] for r in base],
+                           "epochs": base[0]["epochs"] if base else None,
+                           "rise_base": curve_rise([r["curve"] for r in base])}
+    long = _rows(res, model, LONG)
+    if not long:
+        return out
+    lr = long[0]
+    same = next((r["deployed_test_acc"] for r in base if r["seed"] == lr["seed"]), None)
+    m, s = mean_std(out["base"])
+    noise = 2 * s * math.sqrt(1 + 1 / len(base)) if len(base) > 1 else None
+    delta = lr["deployed_test_acc"] - m if base else None
+    verdict = "n/a" if noise is None else (
+        "outside seed noise" if abs(delta) > noise else "within seed noise")
+    out.update(long=lr["deployed_test_acc"], long_epochs=lr["epochs"], seed=lr["seed"],
+               same_seed=same, vs_mean=delta, noise=noise, verdict=verdict,
+               vs_same_seed=None if same is None else lr["deployed_test_acc"] - same,
+               rise_long=curve_rise([lr["curve"]]))
+    return out
+
+
+def int8_rows(res: dict[str, Any], variants: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Per model and variant: fp32 ONNX and INT8 accuracy, change, agreement, per seed."""
+    rows = []
+    for model in dict.fromkeys(r["model"] for r in res["runs"].values()):
+        for v in variants:
+            runs = [r["int8"] for r in _rows(res, model, v) if r.get("int8")]
+            if runs:
+                rows.append({"model": model, "variant": v,
+                             "fp32": [x["onnx_test_acc"] for x in runs],
+                             "int8": [x["int8_test_acc"] for x in runs],
+                             "change": [x["int8_test_acc"] - x["onnx_test_acc"] for x in runs],
+                             "agreement": [x["int8_agreement"] for x in runs]})
+    return rows

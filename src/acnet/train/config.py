@@ -54,6 +54,7 @@ class TrainConfig:
     weight_decay: float | None = None
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
+    augment: bool = True  # random crop (zero padding 4) and horizontal flip of training images
     seed: int = 0
     train_limit: int | None = None
     test_limit: int | None = None
@@ -114,6 +115,9 @@ def _check_choices(cfg: TrainConfig) -> None:
     if cfg.block == "base" and cfg.gamma_init is not None:
         raise ValueError(f"--gamma-init {cfg.gamma_init} sets the BN scale of ACBlocks: it needs "
                          f"--block acb, got --block base")
+    if not cfg.augment and cfg.dataset == "imagenet":
+        raise ValueError("--no-augment applies to the in-memory datasets; imagenet's training "
+                         "transforms are fixed (random resized crop and flip)")
     if cfg.branch_scale and (cfg.branch_bn or cfg.block != "acb"):
         raise ValueError("--branch-scale (online ACB) needs --block acb and --no-branch-bn")
 

@@ -52,7 +52,8 @@ def train_split(cfg: TrainConfig, device: torch.device, *, rank: int = 0, world:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the "
                          f"{len(data.train_x)} training images")
     loader = InMemoryLoader(data.train_x, data.train_y, per_rank, train=True, seed=cfg.seed,
-                            crop_padding=data.crop_padding, hflip=data.hflip, rank=rank,
+                            crop_padding=data.crop_padding if cfg.augment else 0,
+                            hflip=data.hflip and cfg.augment, rank=rank,
                             world=world, mean=data.mean, std=data.std, device=device)
     return Split(loader, data.shape[0], data.num_classes, data.shape[1], len(data.train_x))
 

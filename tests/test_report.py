@@ -1,0 +1,260 @@
+"""The study report on finished, partial and committed (checkpoint-free) studies: plateau
+check, INT8, training cost by the benchmark's method, small-multiple figures."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+
+import pytest
+import torch
+
+from acnet.experiments import presets
+from acnet.experiments.results import deployment_check, plateau_check
+
+rep = importlib.import_module("acnet.experiments.reproduce")  # the module, not the function
+
+TINY = presets.StudyPreset(
+    "tiny-report", "synthetic", ("cifar_quick",), (0, 1), "cifar_quick",
+    train={"epochs": 2, "train_limit": 64, "test_limit": 32, "batch_size": 32},
+    ratios=(0.0, 1.0), draws=1, plateau={"cifar_quick": 3}, int8=True, description="test")
+
+
+def _fake_bench(calls: list):
+    """A stand-in for acnet.bench.bench_training that records its arguments."""
+    def bench(model, device, batch, repeats, warmup, image=32, compile=False, *,
+              in_channels=3, channels_last=True):
+        calls.append({"model": model, "batch": batch, "repeats": repeats, "image": image,
+                      "in_channels": in_channels})
+        ratio = {"base": 1.0, "acb": 1.8, "acb_no_branch_bn": 1.1, "acb_online": 1.2,
+                 "straightforward_acb": 2.5}
+        return {"model": model, "batch": batch, "channels_last": channels_last,
+                "ms": {k: 10.0 * v for k, v in ratio.items()}, "ratio": ratio,
+                "load_avg": [0.5, 0.75]}
+    return bench
+
+
+def _report(out) -> tuple[str, dict]:
+    text = rep.reproduce(TINY.name, out, train_runs=False).read_text()
+    return text, json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny finished study (15 runs: the ablation x 2 seeds + one longer baseline),
+    trained once, not analyzed."""
+    out = tmp_path_factory.mktemp("study")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(presets.STUDY_PRESETS, TINY.name, TINY)
+        rep.reproduce(TINY.name, out, analyze=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def analyzed(trained, tmp_path_factory):
+    """The tiny study analyzed once (report-only, the benchmark faked): (dir, bench calls)."""
+    out = tmp_path_factory.mktemp("analyzed") / "study"
+    shutil.copytree(trained, out)
+    calls: list = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(presets.STUDY_PRESETS, TINY.name, TINY)
+        mp.setattr(rep, "bench_training", _fake_bench(calls))
+        _report(out)
+    return out, calls
+
+
+def _copy(src, tmp_path, monkeypatch) -> tuple:
+    """A copy of a study, the preset registered, the benchmark faked: (dir, bench calls)."""
+    out = tmp_path / "study"
+    shutil.copytree(src, out)
+    monkeypatch.setitem(presets.STUDY_PRESETS, TINY.name, TINY)
+    calls: list = []
+    monkeypatch.setattr(rep, "bench_training", _fake_bench(calls))
+    return out, calls
+
+
+@pytest.fixture()
+def study(analyzed, tmp_path, monkeypatch):
+    """A copy of the analyzed study, its caches (export.json, cost_bench.json...) kept."""
+    return _copy(analyzed[0], tmp_path, monkeypatch)
+
+
+def test_complete_study_report_plateau_int8_cost_and_figures(analyzed, study, monkeypatch):
+    out, calls = study
+    text = (out / "report.md").read_text()
+    res = json.loads((out / "results.json").read_text())
+    assert "in progress" not in text and "pending" not in text
+    # plateau: the numbers are the runs' metrics
+    runs = res["runs"]
+    base = [runs[f"cifar_quick-base-s{s}"]["deployed_test_acc"] for s in (0, 1)]
+    long = runs["cifar_quick-long-s0"]
+    p = res["plateau"]["cifar_quick"]
+    assert p["long"] == long["deployed_test_acc"] and p["long_epochs"] == 3 == long["epochs"]
+    assert p["vs_mean"] == pytest.approx(long["deployed_test_acc"] - sum(base) / 2, abs=1e-12)
+    assert p["vs_same_seed"] == pytest.approx(long["deployed_test_acc"] - base[0], abs=1e-12)
+    curves = [runs[f"cifar_quick-base-s{s}"]["curve"] for s in (0, 1)]
+    rise = (sum(c[1]["test_acc"] for c in curves) - sum(c[0]["test_acc"] for c in curves)) / 2
+    assert p["rise_base"]["rise"] == pytest.approx(rise, abs=1e-12)
+    assert (p["rise_base"]["from_epoch"], p["rise_base"]["to_epoch"]) == (1, 2)
+    assert (p["rise_long"]["from_epoch"], p["rise_long"]["to_epoch"]) == (2, 3)
+    assert "## Has the schedule converged?" in text
+    assert f"{p['vs_mean'] * 100:+.2f} points against the 2-seed mean" in text
+    assert p["verdict"] in text
+    # INT8: base, ACNet and online runs, cached in export.json, no ONNX file left behind
+    assert "## INT8 deployment" in text
+    for v in ("base", "acb", "online"):
+        for s in (0, 1):
+            run = out / "runs" / f"cifar_quick-{v}-s{s}"
+            export = json.loads((run / "export.json").read_text())
+            assert runs[run.name]["int8"]["int8_test_acc"] == export["int8_test_acc"]
+            assert 0 <= export["int8_agreement"] <= 1 and not list(run.glob("*.onnx"))
+    assert "| cifar_quick | online ACNet | 2 |" in text
+    assert not (out / "runs" / "cifar_quick-hor-s0" / "export.json").exists()
+    # training cost by the benchmark's method, at the study's input and batch, cached
+    assert analyzed[1] == [{"model": "cifar_quick", "batch": 32,
+                            "repeats": rep.BENCH_REPEATS, "image": 32, "in_channels": 3}]
+    assert "## Training cost" in text and "| cifar_quick | 32 | 10.0 | 1.80× | 1.20× |" in text
+    assert "0.5 / 0.8" in text and "(as it happened)" in text
+    for png in ("kernel_magnitude.png", "sparsity.png", "training_curves.png"):
+        assert (out / png).stat().st_size > 5000
+    # a rerun reuses export.json and cost_bench.json: nothing measured again
+
+    def boom(*a, **k):
+        raise AssertionError("INT8 measured again")
+
+    monkeypatch.setattr("acnet.quantize.export_int8_run", boom)
+    again, _ = _report(out)
+    assert calls == [] and "## INT8 deployment" in again
+    assert again.split("## INT8")[1].split("## Inference")[0] == \
+        text.split("## INT8")[1].split("## Inference")[0]
+
+
+def test_partial_study_says_what_is_pending(study):
+    out, _ = study
+    gone = ["cifar_quick-acb-s0", "cifar_quick-acb-s1", "cifar_quick-corner-s0",
+            "cifar_quick-corner-s1", "cifar_quick-hor-s1", "cifar_quick-long-s0"]
+    for name in gone:
+        (out / "runs" / name / "metrics.json").unlink()
+    text, res = _report(out)
+    order = [s.name for s in presets.runs_of(TINY) if s.name in gone]  # the study's order
+    assert "**Study in progress: 9 of 15 runs finished.** Pending: " + ", ".join(order) in text
+    assert [p["name"] for p in res["pending"]] == order
+    assert "**cifar_quick**: pending: runs cifar_quick-acb-s0, cifar_quick-acb-s1." in text
+    assert "| +horizontal | 1 |" in text  # a variant with one seed
+    assert ("## Centre vs corner ACB\n\npending: runs cifar_quick-acb-s0, cifar_quick-acb-s1, "
+            "cifar_quick-corner-s0, cifar_quick-corner-s1\n") in text
+    assert "pending: runs cifar_quick-long-s0" in text
+    assert set(res["kernel_magnitude"]) == {"base"} and res["cost"] == {}
+    assert "(worst of 9 runs)" in text  # the deployment check without ACNet runs
+    assert "## Training curves" in text and (out / "training_curves.png").exists()
+    printed = rep.summary(out)
+    assert "Study in progress: 9 of 15 runs finished.** Pending: " + ", ".join(order) in printed
+    assert "pending: runs" in printed
+
+
+def test_deployment_check_with_a_missing_variant():
+    row = {"model": "m", "variant": "base", "seed": 0, "max_abs_diff_deploy": 1e-6,
+           "prediction_agreement": 1.0, "params_train": 10, "params_deployed": 10}
+    c = deployment_check({"runs": {"m-base-s0": row}})["m"]
+    assert c["params_base"] == 10 and c["params_acnet"] is None and c["runs"] == 1
+    p = plateau_check({"runs": {"m-base-s0": {**row, "deployed_test_acc": 0.5, "epochs": 1,
+                                             "curve": [{"epoch": 1, "test_acc": 0.5}]}}}, "m")
+    assert p["rise_base"] is None and "long" not in p
+
+
+def test_committed_study_without_checkpoints_analyzes_the_same(study):
+    out, _ = study
+    res = json.loads((out / "results.json").read_text())
+    for f in [*out.glob("runs/*/checkpoint.pt"), *out.glob("runs/*/sparsity.json"),
+              *out.glob("runs/*/robustness.json")]:
+        f.unlink()
+    text, again = _report(out)
+    assert "## Kernel magnitude" in text and "## Sparsifying" in text
+    for k, m in res["kernel_magnitude"].items():
+        torch.testing.assert_close(torch.tensor(again["kernel_magnitude"][k]), torch.tensor(m),
+                                   atol=1e-6, rtol=0)
+    for k, study_ in res["sparsity"].items():
+        for pattern, c in study_.items():
+            assert again["sparsity"][k][pattern]["mean"] == pytest.approx(c["mean"], abs=1e-9)
+    cost = again["cost"]["cifar_quick"]
+    assert cost["params_acnet_training"] == again["runs"]["cifar_quick-acb-s0"]["params_train"]
+    assert cost["params_acnet_training"] > cost["params_acnet_deployed"] == cost["params_base"]
+
+
+def test_kernel_magnitude_of_trained_and_deployed_acnet_agree(trained):
+    from acnet.analysis import kernel_magnitude
+    from acnet.runs import load_deployed_model, load_trained
+
+    for name in ("cifar_quick-acb-s0", "cifar_quick-online-s1", "cifar_quick-base-s0"):
+        run = trained / "runs" / name
+        torch.testing.assert_close(kernel_magnitude(load_deployed_model(run), 5),
+                                   kernel_magnitude(load_trained(run), 5), atol=1e-6, rtol=0)
+
+
+def test_int8_section_without_onnxruntime(study, monkeypatch):
+    out, _ = study
+    for f in out.glob("runs/*/export.json"):
+        f.unlink()
+
+    def missing(run, images):
+        raise ImportError("INT8 export needs onnx and onnxruntime")
+    monkeypatch.setattr(rep, "_int8_of", missing)
+    text, res = _report(out)
+    assert "## INT8 deployment\n\nNot measured: INT8 export needs onnx" in text
+    assert res["int8_status"]["available"] is False
+
+
+def test_training_curves_one_panel_per_model_and_fixed_colours(tmp_path, monkeypatch):
+    from acnet.analysis import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda plt, fig, path, title: figs.append(fig))
+    band = {"epochs": [1, 2, 3], "mean": [0.5, 0.7, 0.75], "std": [0.01, 0.02, 0.01]}
+    panels = {"a": {"base": band, "acb": band, "long": band}, "b": {"base": band, "acb": band},
+              "a: one branch": {"hor": band, "ver": band, "acb": band}}
+    plots.training_curves(panels, tmp_path / "t.png", "x", {"base": "baseline"})
+    axes = figs[0].axes
+    assert [ax.get_title() for ax in axes] == list(panels)
+    colours = {ln.get_label(): ln.get_color() for ax in axes for ln in ax.get_lines()}
+    assert colours["baseline"] == plots.VARIANT_COLOURS["base"]
+    assert colours["hor"] == plots.VARIANT_COLOURS["hor"]
+    assert len(figs[0].legends) == 1  # one legend, outside the panels
+
+
+def test_real_training_step_benchmark_is_cached(trained, tmp_path, monkeypatch):
+    out = tmp_path / "study"
+    shutil.copytree(trained, out)
+    monkeypatch.setattr(rep, "BENCH_REPEATS", 1)
+    monkeypatch.setattr(rep, "BENCH_WARMUP", 0)
+    specs = [s for s in presets.runs_of(TINY) if s.variant == "base"]
+    cost = rep._training_cost(TINY, out, specs)["cifar_quick"]
+    assert cost["ratio"]["base"] == 1.0 and cost["ratio"]["acb"] > 0 and cost["batch"] == 32
+    assert json.loads((out / rep.COST_BENCH).read_text())["cifar_quick"]["repeats"] == 1
+
+
+def _row(variant: str, seed: int, acc: float, epochs: int, curve: list[float]) -> dict:
+    return {"model": "m", "variant": variant, "seed": seed, "deployed_test_acc": acc,
+            "epochs": epochs, "curve": [{"epoch": i + 1, "test_acc": a}
+                                        for i, a in enumerate(curve)]}
+
+
+@pytest.mark.parametrize("long, late, words", [
+    (0.930, 0.000, "outside seed noise (±0.23): the 5-epoch schedule had NOT converged"),
+    (0.9005, 0.000, "within seed noise (±0.23): the 5-epoch schedule had converged"),
+    (0.9005, 0.010, "still rose +1.00 over epochs 4-5: not clearly converged"),
+    (0.880, 0.000, "lower: longer training did worse"),
+])
+def test_plateau_verdict_in_plain_words(long, late, words):
+    from acnet.experiments.report import _plateau_words
+
+    runs = {f"b{s}": _row("base", s, a, 5, [0.8, 0.85, 0.88, a - late, a])
+            for s, a in enumerate((0.899, 0.900, 0.901))}
+    runs["l"] = _row("long", 0, long, 10, [0.8] * 9 + [long])
+    p = plateau_check({"runs": runs}, "m")
+    noise = 2 * 0.001 * (1 + 1 / 3) ** 0.5
+    assert p["noise"] == pytest.approx(noise, rel=1e-9) and p["same_seed"] == 0.899
+    assert p["rise_base"]["rise"] == pytest.approx(late, abs=1e-12)
+    assert (p["rise_long"]["from_epoch"], p["rise_long"]["to_epoch"]) == (8, 10)
+    text = _plateau_words("m", p)
+    assert words in text and f"{(long - 0.9) * 100:+.2f} points against the 3-seed mean" in text
