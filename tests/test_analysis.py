@@ -146,6 +146,22 @@ def test_analyze_cli(tmp_path):
     assert p.returncode == 2 and "--ratios" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_analyze_needs_no_checkpoint(tmp_path):
+    """A committed run keeps deployed.safetensors, not checkpoint.pt: both analyses still work
+    and give what the checkpoint gives."""
+    from acnet.runs import analyze_kernels, analyze_sparsity
+
+    run = tmp_path / "r"
+    acnet.train.train(acnet.train.TrainConfig(
+        model="cifar_quick", dataset="synthetic", epochs=1, train_limit=64, test_limit=32,
+        batch_size=32, quiet=True), run)
+    before = analyze_kernels([run])[str(run)]
+    sparse = analyze_sparsity([run], [0.0, 1.0], 1)[str(run)]
+    (run / "checkpoint.pt").unlink()
+    torch.testing.assert_close(analyze_kernels([run])[str(run)], before, rtol=0, atol=1e-6)
+    assert analyze_sparsity([run], [0.0, 1.0], 1)[str(run)] == sparse
+
+
 def test_bench_runs_and_reports_ratios(tmp_path):
     from acnet.bench import format_table, run_bench
 

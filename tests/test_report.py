@@ -220,6 +220,13 @@ def test_training_curves_one_panel_per_model_and_fixed_colours(tmp_path, monkeyp
     assert colours["baseline"] == plots.VARIANT_COLOURS["base"]
     assert colours["hor"] == plots.VARIANT_COLOURS["hor"]
     assert len(figs[0].legends) == 1  # one legend, outside the panels
+    cur = {"ratios": [0, 1], "mean": [0.9, 0.1], "std": [0, 0.01]}
+    study = {"corners": cur, "global": cur, "skeleton": cur}  # as results.json sorts them
+    plots.sparsity_panels({"base": study, "ACNet": study}, tmp_path / "s.png", "x",
+                          {"base": plots.VARIANT_COLOURS["base"]})
+    axes = figs[1].axes
+    assert [ax.get_title() for ax in axes] == ["skeleton", "corners", "global"]
+    assert axes[0].get_ylim() == axes[2].get_ylim() and len(axes[0].get_lines()) == 2
 
 
 def test_real_training_step_benchmark_is_cached(trained, tmp_path, monkeypatch):

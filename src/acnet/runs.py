@@ -169,8 +169,8 @@ def analyze_kernels(runs: list[str | os.PathLike], kernel_size: int | None = Non
         open_run(run)  # a clear error for a path that is not a run, before any work
     mats = {}
     for run in runs:
-        trained = load_trained(run)
-        mats[str(run)] = kernel_magnitude(trained, kernel_size or dominant_kernel_size(trained))
+        model = load_deployed_model(run)  # the fused kernels; no checkpoint needed
+        mats[str(run)] = kernel_magnitude(model, kernel_size or dominant_kernel_size(model))
     if figure:
         plots.heatmaps({Path(k).name: m for k, m in mats.items()}, figure,
                        "average normalized kernel magnitude")
@@ -195,7 +195,7 @@ def analyze_sparsity(runs: list[str | os.PathLike], ratios: list[float], draws: 
     for run in runs:
         cfg, _ = open_run(run)
         loader = run_test_split(cfg, test_limit=test_limit).loader
-        results[str(run)] = sparsity_study(load_trained(run), loader, ratios, draws)
+        results[str(run)] = sparsity_study(load_deployed_model(run), loader, ratios, draws)
     if figure:
         curves = {f"{Path(run).name}: {pattern}": cur
                   for run, study in results.items() for pattern, cur in study.items()}

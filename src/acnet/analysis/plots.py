@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .kernels import PATTERNS
+
 __all__ = ["VARIANT_COLOURS", "VARIANT_STYLES", "heatmaps", "sparsity_curves",
            "sparsity_panels", "training_curves"]
 
@@ -83,12 +85,13 @@ def _legend_below(fig, axes, ncol: int = 4) -> None:
                    fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0))
 
 
-def _grid(plt, n: int, width: float = 3.6, height: float = 3.0, cols: int = 3):
+def _grid(plt, n: int, width: float = 3.6, height: float = 3.0, cols: int = 3,
+          sharey: bool = False):
     """A figure with ``n`` panels in rows of at most ``cols``; the unused axes removed."""
     cols = min(cols, n)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows),
-                             squeeze=False, layout="constrained")
+                             squeeze=False, layout="constrained", sharey=sharey)
     flat = list(axes.ravel())
     for ax in flat[n:]:
         ax.remove()
@@ -137,8 +140,9 @@ def sparsity_panels(studies: dict[str, dict[str, dict[str, Any]]], path: str | P
                     title: str = "", colours: dict[str, str] | None = None) -> None:
     """Accuracy vs fraction zeroed, one panel per pattern: ``studies[group][pattern]``."""
     plt = _plt()
-    patterns = list(dict.fromkeys(p for study in studies.values() for p in study))
-    fig, axes = _grid(plt, max(len(patterns), 1), width=3.4, height=3.0)
+    found = {p for study in studies.values() for p in study}
+    patterns = [p for p in PATTERNS if p in found] + sorted(found - set(PATTERNS))
+    fig, axes = _grid(plt, max(len(patterns), 1), width=3.4, height=3.0, sharey=True)
     for ax, pattern in zip(axes, patterns):
         for group, study in studies.items():
             if pattern in study:

@@ -100,7 +100,7 @@ def _headline(res: dict[str, Any], model: str) -> list[str]:
     if not (r["base"] and r["acnet"]):
         return [f"**{model}**: {_pending(pending_runs(res, model, (BASE, ACNET)))}.", ""]
     lines = [f"**{model}: ACNet {_pm(r['acnet'])} vs baseline {_pm(r['base'])} "
-             f"({len(r['base'])} vs {len(r['acnet'])} seeds): {r['gain'] * 100:+.2f} points; "
+             f"({len(r['acnet'])} and {len(r['base'])} seeds): {r['gain'] * 100:+.2f} points; "
              f"beyond seed noise: {r['verdict']}.**", ""]
     diffs = r["paired"]
     if diffs:
@@ -132,7 +132,7 @@ def deployment_lines(res: dict[str, Any], prefix: str = "- ") -> list[str]:
             ("ACNet deployed", "params_deployed")) if c[key] is not None)
         lines.append(f"{prefix}{model}: max |logit difference| {c['max_abs_diff']:.2g}, "
                      f"identical predictions {c['agreement'] * 100:.2f}% (worst of "
-                     f"{c['runs']} runs); parameters: {params}")
+                     f"{c['runs']} run{'s' * (c['runs'] != 1)}); parameters: {params}")
     return lines
 
 
