@@ -108,11 +108,7 @@ def training_curves(panels: dict[str, dict[str, dict[str, Any]]], path: str | Pa
             _band(ax, c["epochs"], c["mean"], c["std"], VARIANT_COLOURS.get(slug, _OTHER),
                   VARIANT_STYLES.get(slug, "-"), (labels or {}).get(slug, slug))
         _zoom(ax, lines.values())
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy")
-        _percent(ax)
-        ax.grid(alpha=0.3)
+        _accuracy_panel(ax, name, "epoch")
     _legend_below(fig, axes)
     _save(plt, fig, path, title)
 
@@ -127,6 +123,15 @@ def _zoom(ax, curves) -> None:
     if lows and max(highs) > min(lows):
         pad = 0.1 * (max(highs) - min(lows))
         ax.set_ylim(min(lows) - pad, max(highs) + pad)
+
+
+def _accuracy_panel(ax, title: str, xlabel: str) -> None:
+    """A small-multiple panel's title, axis labels, % ticks and grid."""
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy")
+    _percent(ax)
+    ax.grid(alpha=0.3)
 
 
 def _percent(ax) -> None:
@@ -149,11 +154,7 @@ def sparsity_panels(studies: dict[str, dict[str, dict[str, Any]]], path: str | P
                 c = study[pattern]
                 _band(ax, c["ratios"], c["mean"], c["std"], (colours or {}).get(group, _OTHER),
                       label=group)
-        ax.set_title(pattern, fontsize=10)
-        ax.set_xlabel("fraction of weights zeroed")
-        ax.set_ylabel("test accuracy")
-        _percent(ax)
-        ax.grid(alpha=0.3)
+        _accuracy_panel(ax, pattern, "fraction of weights zeroed")
     _legend_below(fig, axes)
     _save(plt, fig, path, title)
 
