@@ -72,6 +72,22 @@ def test_forward_is_one_conv_with_the_scaled_merged_kernel(monkeypatch):
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("in_channels", [1, 4])
+def test_channels_last_block_stays_channels_last(in_channels):
+    """A channels_last model's merged kernel is channels_last: with one input channel the layout
+    cannot be read from the shape, and an NCHW kernel sent the whole network back to NCHW."""
+    torch.manual_seed(0)
+    block = ACBlock(in_channels, 6, 3, padding=1, branch_bn=False, branch_scale=True)
+    plain = copy.deepcopy(block)
+    block = block.to(memory_format=torch.channels_last)
+    assert block.merged_kernel().stride() == block.square_conv.weight.stride()
+    x = torch.randn(2, in_channels, 8, 8)
+    out = block(x.contiguous(memory_format=torch.channels_last))
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert rel_err(out, plain(x)) <= FP32_TOL
+    assert plain.merged_kernel().is_contiguous()
+
+
 @pytest.mark.parametrize("d,position", [(3, "center"), (4, "corner"), (5, "center")])
 def test_fusion_exact_in_float64(d, position):
     torch.manual_seed(d)

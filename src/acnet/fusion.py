@@ -85,7 +85,9 @@ def merge_kernels(
     ``kernels[0]`` is the full d×d kernel, ``kernels[b]`` (b ≥ 1) lands on the flat window
     positions ``taps[b - 1]`` (from :func:`tap_indices`); ``scales`` holds one (O,) factor per
     branch (None: all 1). One ``index_add`` per extra branch (each position once: exact and
-    deterministic), so the graph stays small forward and backward.
+    deterministic), so the graph stays small forward and backward. The result has the strides
+    of ``kernels[0]``: a channels_last model gets a channels_last kernel, even with one input
+    channel, where the layout cannot be told from the shape and a conv would fall back to NCHW.
     """
     first = kernels[0]
     out = first if scales is None else first * scales[0].view(-1, 1, 1, 1)
@@ -93,7 +95,10 @@ def merge_kernels(
     for b in range(1, len(kernels)):
         k = kernels[b] if scales is None else kernels[b] * scales[b].view(-1, 1, 1, 1)
         out = out.index_add(2, taps[b - 1], k.flatten(2))
-    return out.view(first.shape)
+    out = out.reshape(first.shape)
+    if out.stride() != first.stride():
+        out = torch.empty_like(first, dtype=out.dtype).copy_(out)
+    return out
 
 
 def bn_scale_shift(
