@@ -117,7 +117,8 @@ def _train_parallel(todo: list[tuple[RunSpec, dict[str, Any]]], out: Path, jobs:
     stops the study (finished runs stay finished, interrupted ones resume next time)."""
     threads = max(1, torch.get_num_threads() // jobs)
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    # a fresh process per run: no state (threads, allocator, imported code) carries over
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
         futures = {pool.submit(_train_one, config, str(out / "runs" / spec.name), threads):
                    spec.name for spec, config in todo}
         try:
