@@ -265,3 +265,36 @@ def test_plateau_verdict_in_plain_words(long, late, words):
     assert (p["rise_long"]["from_epoch"], p["rise_long"]["to_epoch"]) == (8, 10)
     text = _plateau_words("m", p)
     assert words in text and f"{(long - 0.9) * 100:+.2f} points against the 3-seed mean" in text
+
+
+def test_longest_first_orders_pending_runs_by_measured_time(tmp_path):
+    """--jobs N trains the longest expected run first: remaining epochs x the seconds per epoch
+    the study measured for that model and variant (a longer baseline counts as the baseline)."""
+    runs = presets.runs_of(TINY, None)
+    by = {s.name: s for s in runs}
+    out = tmp_path
+
+    def finish(name, seconds):
+        d = out / "runs" / name
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"seconds": seconds, "epochs": 2}))
+
+    finish("cifar_quick-base-s0", 16.0)   # 8 s/epoch
+    finish("cifar_quick-acb-s0", 40.0)    # 20 s/epoch
+    part = out / "runs" / "cifar_quick-acb-s1"  # 1 of 2 epochs done: 20 s left
+    part.mkdir(parents=True)
+    (part / "config.json").write_text("{}")
+    (part / "metrics.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
+    todo = [(by[n], by[n].config) for n in
+            ("cifar_quick-base-s1", "cifar_quick-acb-s1", "cifar_quick-long-s0",
+             "cifar_quick-hor-s0")]
+    order = [s.name for s, _ in rep.longest_first(todo, runs, out)]
+    # hor (not measured): the model's mean 14 x 2 = 28; long: 3 x 8 = 24; acb-s1: 1 x 20;
+    # base-s1: 2 x 8 = 16
+    assert order == ["cifar_quick-hor-s0", "cifar_quick-long-s0", "cifar_quick-acb-s1",
+                     "cifar_quick-base-s1"]
+    # nothing measured yet: the epochs alone decide, ties keep the preset's order
+    fresh = tmp_path / "fresh"
+    order = [s.name for s, _ in rep.longest_first(todo, runs, fresh)]
+    assert order == ["cifar_quick-long-s0", "cifar_quick-base-s1", "cifar_quick-acb-s1",
+                     "cifar_quick-hor-s0"]

@@ -25,6 +25,7 @@ from .presets import (
     ABLATION,
     ACNET,
     BASE,
+    LONG,
     ONLINE,
     STUDY_PRESETS,
     RunSpec,
@@ -55,7 +56,8 @@ def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
 
     ``command``: the command line to quote in the report (default: an equivalent one).
     ``seeds``: other seeds than the preset's. ``jobs``: runs trained at once, in separate
-    processes splitting the CPU threads (on 2 CPU cores 2 jobs train about 1.1-1.3× faster).
+    processes splitting the CPU threads (on 2 CPU cores 2 jobs train about 1.1-1.3× faster), the
+    longest expected run first (`longest_first`).
     ``train_runs=False``: train nothing; report on the runs finished so far (a study in
     progress).
     """
@@ -108,8 +110,41 @@ def _train_all(runs: list[RunSpec], out: Path, device: str, data_dir: str | None
             log.info("[%d/%d] %s", i, len(todo), spec.name)
             _train_one(config, str(out / "runs" / spec.name), None)
     elif todo:
-        _train_parallel(todo, out, jobs)
+        _train_parallel(longest_first(todo, runs, out), out, jobs)
     log.info("%d runs trained in %.0f s", len(todo), time.perf_counter() - t0)
+
+
+def longest_first(todo: list[tuple[RunSpec, dict[str, Any]]], runs: list[RunSpec], out: Path
+                  ) -> list[tuple[RunSpec, dict[str, Any]]]:
+    """The pending runs, longest expected training first (stable), so that with several jobs the
+    study does not end on one long run while the other workers idle.
+
+    Expected time: the run's remaining epochs times the mean seconds per epoch of the study's
+    finished runs of the same model and variant (a longer baseline counts as the baseline), else
+    of the same model, else of all finished runs; with nothing finished, the epochs alone.
+    """
+    per_epoch: dict[tuple[str, str], list[float]] = {}
+    for spec in runs:
+        m = _run(out, spec).read_metrics()
+        if m and m.get("seconds") and m.get("epochs"):
+            v = BASE if spec.variant == LONG else spec.variant
+            per_epoch.setdefault((spec.model, v), []).append(m["seconds"] / m["epochs"])
+
+    def mean(xs: list[float]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
+    everything = mean([x for xs in per_epoch.values() for x in xs]) or 1.0
+
+    def expected(item: tuple[RunSpec, dict[str, Any]]) -> float:
+        spec, config = item
+        v = BASE if spec.variant == LONG else spec.variant
+        rate = (mean(per_epoch.get((spec.model, v), []))
+                or mean([x for (mod, _), xs in per_epoch.items() if mod == spec.model for x in xs])
+                or everything)
+        done = len(_run(out, spec).metrics_lines())
+        return max(int(config.get("epochs", 1)) - done, 0) * rate
+
+    return sorted(todo, key=expected, reverse=True)
 
 
 def _train_parallel(todo: list[tuple[RunSpec, dict[str, Any]]], out: Path, jobs: int) -> None:
