@@ -202,26 +202,54 @@ def test_ablation_is_keyed_by_slug_and_seeds_can_be_replaced():
                                           "branch_scale": True}
     runs = [r for r in runs_of(STUDY_PRESETS["cpu"], seeds=(21, 22)) if r.model == "cifar_quick"]
     assert {r.seed for r in runs} == {21, 22}
-    assert "cifar_quick-online-s21" in {r.name for r in runs}
+    assert "cifar_quick-online-e15-s21" in {r.name for r in runs}
     assert len({r.label for r in runs if r.variant != "long"}) == len(ABLATION)
 
 
 def test_cpu_study_order_puts_complete_comparisons_first_then_ablation_then_plateau():
-    from acnet.experiments import ACNET, BASE, LONG, STUDY_PRESETS, runs_of
+    from acnet.experiments import ACNET, BASE, LONG, MAIN, SHORT, STUDY_PRESETS, runs_of
+    from acnet.experiments.presets import tier
 
     cpu = STUDY_PRESETS["cpu"]
     runs = runs_of(cpu)
     n_main = 2 * len(cpu.models) * len(cpu.seeds)
-    assert all(r.variant in (BASE, ACNET) for r in runs[:n_main])
+    assert all(r.variant in (BASE, ACNET) and r.schedule == MAIN for r in runs[:n_main])
     assert [r.model for r in runs[:n_main:2 * len(cpu.seeds)]] == list(cpu.models)
+    for r in runs[:n_main]:
+        assert r.config["epochs"] == cpu.per_model[r.model]["epochs"]
+        assert r.name == f"{r.model}-{r.variant}-s{r.seed}"
+    # then baseline and ACNet again on every model's short schedule, all seeds
+    short = runs[n_main:2 * n_main]
+    assert all(r.schedule == SHORT and r.variant in (BASE, ACNET) for r in short)
+    for r in short:
+        e = cpu.short[r.model]
+        assert r.config["epochs"] == e < cpu.per_model[r.model]["epochs"]
+        assert r.name == f"{r.model}-{r.variant}-e{e}-s{r.seed}"
+    # the ablation on the ablation model's short schedule (its base and ACNet are shared)
+    ablation = [r for r in runs[2 * n_main:] if r.variant != LONG]
+    assert {r.model for r in ablation} == {cpu.ablation_model}
+    assert all(r.schedule == cpu.ablation_schedule == SHORT for r in ablation)
+    assert all(r.config["epochs"] == cpu.short[cpu.ablation_model] for r in ablation)
     long = [r for r in runs if r.variant == LONG]
     assert runs[-len(long):] == long and {r.model for r in long} == set(cpu.plateau)
     for r in long:  # twice the model's schedule, a baseline, first seed
-        assert r.config["epochs"] == cpu.plateau[r.model] > cpu.per_model[r.model]["epochs"]
+        assert r.config["epochs"] == cpu.plateau[r.model] == 2 * cpu.per_model[r.model]["epochs"]
         assert r.config["block"] == "base" and r.seed == cpu.seeds[0]
         assert r.label == f"baseline, {cpu.plateau[r.model]} epochs"
     assert len({r.name for r in runs}) == len(runs)
+    assert [tier(r) for r in runs] == sorted(tier(r) for r in runs)
     assert all("train_limit" not in r.config for r in runs)  # the full training set
+
+
+def test_study_preset_rejects_an_ablation_schedule_it_cannot_run():
+    from acnet.experiments import StudyPreset
+
+    with pytest.raises(ValueError, match="ablation_schedule"):
+        StudyPreset("x", "synthetic", ("cifar_quick",), (0,), "cifar_quick",
+                    ablation_schedule="long")
+    with pytest.raises(ValueError, match="short schedule"):
+        StudyPreset("x", "synthetic", ("cifar_quick",), (0,), "cifar_quick",
+                    ablation_schedule="short", short={"resnet20": 2})
 
 
 def test_quick_preset_is_base_vs_acnet_on_the_full_training_set():

@@ -289,12 +289,18 @@ def test_longest_first_orders_pending_runs_by_measured_time(tmp_path):
             ("cifar_quick-base-s1", "cifar_quick-acb-s1", "cifar_quick-long-s0",
              "cifar_quick-hor-s0")]
     order = [s.name for s, _ in rep.longest_first(todo, runs, out)]
-    # hor (not measured): the model's mean 14 x 2 = 28; long: 3 x 8 = 24; acb-s1: 1 x 20;
-    # base-s1: 2 x 8 = 16
-    assert order == ["cifar_quick-hor-s0", "cifar_quick-long-s0", "cifar_quick-acb-s1",
-                     "cifar_quick-base-s1"]
+    # the study's priority first (main comparison, ablation, plateau check), then within it
+    # the expected time: acb-s1 1 x 20 = 20 before base-s1 2 x 8 = 16
+    assert order == ["cifar_quick-acb-s1", "cifar_quick-base-s1", "cifar_quick-hor-s0",
+                     "cifar_quick-long-s0"]
+    assert [presets.tier(by[n]) for n in order] == [0, 0, 1, 2]
     # nothing measured yet: the epochs alone decide, ties keep the preset's order
     fresh = tmp_path / "fresh"
     order = [s.name for s, _ in rep.longest_first(todo, runs, fresh)]
-    assert order == ["cifar_quick-long-s0", "cifar_quick-base-s1", "cifar_quick-acb-s1",
-                     "cifar_quick-hor-s0"]
+    assert order == ["cifar_quick-base-s1", "cifar_quick-acb-s1", "cifar_quick-hor-s0",
+                     "cifar_quick-long-s0"]
+    # within a tier the longest goes first, whatever the preset's order
+    longer = [(by[n], {**by[n].config, "epochs": e}) for n, e in
+              (("cifar_quick-base-s1", 2), ("cifar_quick-acb-s1", 5))]
+    assert [s.name for s, _ in rep.longest_first(longer, runs, out)] == [
+        "cifar_quick-acb-s1", "cifar_quick-base-s1"]

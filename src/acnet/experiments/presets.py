@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ABLATION", "ACNET", "BASE", "CORNER", "LONG", "ONLINE", "RunSpec", "STUDY_PRESETS",
-           "StudyPreset", "Variant", "runs_of"]
+__all__ = ["ABLATION", "ACNET", "BASE", "CORNER", "LONG", "MAIN", "ONLINE", "RunSpec", "SHORT",
+           "STUDY_PRESETS", "StudyPreset", "Variant", "runs_of", "tier"]
 
 
 @dataclass
@@ -28,6 +28,19 @@ class StudyPreset:
     # model -> epochs of one extra baseline run (first seed) with a longer schedule: shows
     # whether the study's schedule had converged (the report compares the two)
     plateau: dict[str, int] = field(default_factory=dict)
+    # model -> epochs of a shorter schedule on which baseline and ACNet are also compared (all
+    # seeds): how the gain and the baseline move with the schedule
+    short: dict[str, int] = field(default_factory=dict)
+    # the schedule of the ablation (MAIN, or SHORT: the ablation model's short schedule)
+    ablation_schedule: str = "main"
+
+    def __post_init__(self) -> None:
+        if self.ablation_schedule not in ("main", "short"):
+            raise ValueError(f"ablation_schedule must be 'main' or 'short', got "
+                             f"{self.ablation_schedule!r}")
+        if self.ablation_schedule == "short" and self.ablation_model not in self.short:
+            raise ValueError(f"ablation_schedule 'short' needs a short schedule for the "
+                             f"ablation model {self.ablation_model!r}")
     int8: bool = False  # INT8 (onnxruntime) accuracy of the base, ACNet and online runs
 
 
@@ -45,17 +58,19 @@ STUDY_PRESETS: dict[str, StudyPreset] = {
     "cpu": StudyPreset(
         "cpu", "fashion-mnist", ("cifar_quick", "vgg16_quarter", "resnet20"), (0, 1, 2),
         "cifar_quick",
-        per_model={"cifar_quick": {"epochs": 15}, "vgg16_quarter": {"epochs": 10},
-                   "resnet20": {"epochs": 10}},
-        plateau={"cifar_quick": 30, "vgg16_quarter": 20, "resnet20": 20},
-        draws=3, analysis_test_limit=2000, int8=True,
+        per_model={"cifar_quick": {"epochs": 30}, "vgg16_quarter": {"epochs": 20},
+                   "resnet20": {"epochs": 20}},
+        short={"cifar_quick": 15, "vgg16_quarter": 10, "resnet20": 10},
+        plateau={"cifar_quick": 60, "vgg16_quarter": 40, "resnet20": 40},
+        ablation_schedule="short", draws=3, analysis_test_limit=2000, int8=True,
         description="three of the paper's CIFAR architectures (Cifar-quick, VGG-16 at a "
                     "quarter of its width, ResNet-20) trained on the full Fashion-MNIST training "
                     "set (60,000 images) with the official recipe (SGD momentum 0.9, batch 128, "
-                    "lr 0.1, weight decay 1e-4, cosine) on 10-15 epochs instead of 150-400, 3 "
-                    "seeds; the ablation, robustness, kernel and sparsity studies on Cifar-quick; "
-                    "INT8; one baseline per model trained twice as long shows convergence. "
-                    "About 7 hours on 2 CPU cores (`--jobs 2`), resumable"),
+                    "lr 0.1, weight decay 1e-4, cosine) on 20-30 epochs instead of 150-400, 3 "
+                    "seeds, and compared again on half those schedules; one baseline per model "
+                    "trained twice as long shows convergence; the ablation, robustness, kernel "
+                    "and sparsity studies on Cifar-quick's half schedule (15 epochs); INT8. "
+                    "About 17 hours on 2 CPU cores (`--jobs 2`), resumable"),
     "paper-cifar10": StudyPreset(
         "paper-cifar10", "cifar10", ("cifar_quick", "vgg16", "resnet56", "wrn16_8",
                                      "densenet40"), (0, 1, 2), "resnet56",
@@ -82,6 +97,7 @@ class Variant:
 
 BASE, ACNET, CORNER, ONLINE = "base", "acb", "corner", "online"  # slugs the report compares
 LONG = "long"  # the plateau check: a baseline trained for longer (not an ablation row)
+MAIN, SHORT = "main", "short"  # schedules: the preset's epochs, and its shorter `short` ones
 
 # slug -> variant: the paper's Table 4 rows, the online ACB (branch scales, no branch BN) and
 # the corner variant, in report order; the slug names the run directories
@@ -104,8 +120,9 @@ class RunSpec:
     name: str
     model: str
     seed: int
-    variant: str  # slug in ABLATION
+    variant: str  # slug in ABLATION, or LONG
     config: dict[str, Any]
+    schedule: str = MAIN  # MAIN or SHORT (LONG runs: MAIN)
 
     @property
     def label(self) -> str:
@@ -114,26 +131,43 @@ class RunSpec:
         return ABLATION[self.variant].label
 
 
-def _spec(preset: StudyPreset, model: str, seed: int, slug: str) -> RunSpec:
-    """The run of ``model`` in variant ``slug`` with ``seed``."""
+def _spec(preset: StudyPreset, model: str, seed: int, slug: str, schedule: str = MAIN
+          ) -> RunSpec:
+    """The run of ``model`` in variant ``slug`` with ``seed`` on ``schedule``; a run on the short
+    schedule has its epochs in its name (``resnet20-acb-e10-s0``)."""
     cfg = {"model": model, "dataset": preset.dataset, "seed": seed, "quiet": True,
            **preset.train, **preset.per_model.get(model, {})}
     if slug == LONG:
         cfg.update(ABLATION[BASE].options, epochs=preset.plateau[model])
     else:
         cfg.update(ABLATION[slug].options)
-    return RunSpec(f"{model.replace(':', '_')}-{slug}-s{seed}", model, seed, slug, cfg)
+    tag = ""
+    if schedule == SHORT:
+        cfg["epochs"] = preset.short[model]
+        tag = f"-e{cfg['epochs']}"
+    return RunSpec(f"{model.replace(':', '_')}-{slug}{tag}-s{seed}", model, seed, slug, cfg,
+                   schedule)
 
 
 def runs_of(preset: StudyPreset, seeds: tuple[int, ...] | None = None) -> list[RunSpec]:
     """Every run of the preset (``seeds`` replaces the preset's), most important first, so a
     study stopped part-way has complete comparisons: each model's baseline and ACNet over
-    all seeds, then the other ablation variants of the ablation model, then the plateau
-    checks (one longer baseline per model, first seed)."""
+    all seeds, then the same on the short schedules, then the other ablation variants of the
+    ablation model, then the plateau checks (one longer baseline per model, first seed)."""
     seeds = seeds or preset.seeds
     specs = [_spec(preset, m, s, v) for m in preset.models for s in seeds for v in (BASE, ACNET)]
+    specs += [_spec(preset, m, s, v, SHORT) for m in preset.models if m in preset.short
+              for s in seeds for v in (BASE, ACNET)]
     if preset.ablation and preset.ablation_model in preset.models:
-        specs += [_spec(preset, preset.ablation_model, s, v) for s in seeds for v in ABLATION
-                  if v not in (BASE, ACNET)]
+        specs += [_spec(preset, preset.ablation_model, s, v, preset.ablation_schedule)
+                  for s in seeds for v in ABLATION if v not in (BASE, ACNET)]
     specs += [_spec(preset, m, seeds[0], LONG) for m in preset.models if m in preset.plateau]
     return list({s.name: s for s in specs}.values())
+
+
+def tier(spec: RunSpec) -> int:
+    """The run's place in a study's priority (`runs_of`'s order): 0 the main comparison, 1 the
+    short schedules and the ablation, 2 the plateau check."""
+    if spec.variant == LONG:
+        return 2
+    return 0 if spec.schedule == MAIN and spec.variant in (BASE, ACNET) else 1

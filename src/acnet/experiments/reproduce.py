@@ -31,6 +31,7 @@ from .presets import (
     RunSpec,
     StudyPreset,
     runs_of,
+    tier,
 )
 from .report import deployment_lines, main_table, progress_lines, write_report
 from .results import RESULTS, STUDY_GROUPS, mean_std, plateau_check
@@ -116,8 +117,10 @@ def _train_all(runs: list[RunSpec], out: Path, device: str, data_dir: str | None
 
 def longest_first(todo: list[tuple[RunSpec, dict[str, Any]]], runs: list[RunSpec], out: Path
                   ) -> list[tuple[RunSpec, dict[str, Any]]]:
-    """The pending runs, longest expected training first (stable), so that with several jobs the
-    study does not end on one long run while the other workers idle.
+    """The pending runs by the study's priority (`tier`: the main comparison, then the short
+    schedules and ablation, then the plateau check), and within each, longest expected training
+    first (stable), so that with several jobs the study does not end on one long run while the
+    other workers idle, and a study stopped part-way has its most important runs.
 
     Expected time: the run's remaining epochs times the mean seconds per epoch of the study's
     finished runs of the same model and variant (a longer baseline counts as the baseline), else
@@ -144,7 +147,7 @@ def longest_first(todo: list[tuple[RunSpec, dict[str, Any]]], runs: list[RunSpec
         done = len(_run(out, spec).metrics_lines())
         return max(int(config.get("epochs", 1)) - done, 0) * rate
 
-    return sorted(todo, key=expected, reverse=True)
+    return sorted(todo, key=lambda item: (tier(item[0]), -expected(item)))
 
 
 def _train_parallel(todo: list[tuple[RunSpec, dict[str, Any]]], out: Path, jobs: int) -> None:
