@@ -109,7 +109,7 @@ def test_complete_study_report_plateau_int8_cost_and_figures(analyzed, study, mo
             export = json.loads((run / "export.json").read_text())
             assert runs[run.name]["int8"]["int8_test_acc"] == export["int8_test_acc"]
             assert 0 <= export["int8_agreement"] <= 1 and not list(run.glob("*.onnx"))
-    assert "| cifar_quick | online ACNet | 2 |" in text
+    assert "| cifar_quick | online ACNet | 2 | 2 |" in text  # epochs, seeds
     assert not (out / "runs" / "cifar_quick-hor-s0" / "export.json").exists()
     # training cost by the benchmark's method, at the study's input and batch, cached
     assert analyzed[1] == [{"model": "cifar_quick", "batch": 32,
@@ -142,8 +142,9 @@ def test_partial_study_says_what_is_pending(study):
     assert [p["name"] for p in res["pending"]] == order
     assert "**cifar_quick**: pending: runs cifar_quick-acb-s0, cifar_quick-acb-s1." in text
     assert "| +horizontal | 1 |" in text  # a variant with one seed
-    assert ("## Centre vs corner ACB\n\npending: runs cifar_quick-acb-s0, cifar_quick-acb-s1, "
-            "cifar_quick-corner-s0, cifar_quick-corner-s1\n") in text
+    assert ("## Centre vs corner ACB (cifar_quick, 2 epochs)\n\npending: runs "
+            "cifar_quick-acb-s0, cifar_quick-acb-s1, cifar_quick-corner-s0, "
+            "cifar_quick-corner-s1\n") in text
     assert "pending: runs cifar_quick-long-s0" in text
     assert set(res["kernel_magnitude"]) == {"base"} and res["cost"] == {}
     assert "(worst of 9 runs)" in text  # the deployment check without ACNet runs
@@ -220,6 +221,18 @@ def test_training_curves_one_panel_per_model_and_fixed_colours(tmp_path, monkeyp
     assert colours["baseline"] == plots.VARIANT_COLOURS["base"]
     assert colours["hor"] == plots.VARIANT_COLOURS["hor"]
     assert len(figs[0].legends) == 1  # one legend, outside the panels
+    # a variant on the short schedule: its colour, dotted; the y range leaves out the first
+    # fifth of a long schedule (epoch 2's dip) so the plateau shows
+    long_band = {"epochs": list(range(1, 11)), "std": [0.0] * 10,
+                 "mean": [0.5, 0.3, 0.8, 0.85, 0.88, 0.9, 0.91, 0.915, 0.92, 0.92]}
+    plots.training_curves({"m": {"acb": long_band, "acb" + plots.SHORT_TAG: band}},
+                          tmp_path / "u.png")
+    ax = figs[1].axes[0]
+    short = next(ln for ln in ax.get_lines() if ln.get_label() == "acb" + plots.SHORT_TAG)
+    assert short.get_color() == plots.VARIANT_COLOURS["acb"] and short.get_linestyle() == ":"
+    low, high = ax.get_ylim()
+    assert 0.7 < low < 0.8 and 0.92 < high < 0.95
+    figs.pop()
     cur = {"ratios": [0, 1], "mean": [0.9, 0.1], "std": [0, 0.01]}
     study = {"corners": cur, "global": cur, "skeleton": cur}  # as results.json sorts them
     plots.sparsity_panels({"base": study, "ACNet": study}, tmp_path / "s.png", "x",
@@ -304,3 +317,63 @@ def test_longest_first_orders_pending_runs_by_measured_time(tmp_path):
               (("cifar_quick-base-s1", 2), ("cifar_quick-acb-s1", 5))]
     assert [s.name for s, _ in rep.longest_first(longer, runs, out)] == [
         "cifar_quick-acb-s1", "cifar_quick-base-s1"]
+
+
+# a study with a short schedule too, and the ablation on it (the cpu preset's layout), 1 seed
+HALF = presets.StudyPreset(
+    "tiny-half", "synthetic", ("cifar_quick",), (0,), "cifar_quick",
+    train={"epochs": 3, "train_limit": 64, "test_limit": 32, "batch_size": 32},
+    short={"cifar_quick": 2}, ablation_schedule="short", plateau={"cifar_quick": 4},
+    ratios=(0.0, 1.0), draws=1, description="test")
+
+
+def test_short_schedule_comparison_and_ablation_on_it(tmp_path, monkeypatch):
+    """Baseline and ACNet on the main and the short schedule, the ablation (robustness, corner,
+    kernels) on the short one only, the plateau table with the short baseline."""
+    monkeypatch.setitem(presets.STUDY_PRESETS, HALF.name, HALF)
+    monkeypatch.setattr(rep, "bench_training", _fake_bench([]))
+    text = rep.reproduce(HALF.name, tmp_path).read_text()
+    res = json.loads((tmp_path / "results.json").read_text())
+    runs = res["runs"]
+    assert {n: (r["schedule"], r["epochs"]) for n, r in runs.items()} == {
+        "cifar_quick-base-s0": ("main", 3), "cifar_quick-acb-s0": ("main", 3),
+        "cifar_quick-base-e2-s0": ("short", 2), "cifar_quick-acb-e2-s0": ("short", 2),
+        **{f"cifar_quick-{v}-e2-s0": ("short", 2)
+           for v in ("hor", "ver", "nobn", "online", "corner")},
+        "cifar_quick-long-s0": ("main", 4)}
+    # robustness only on the ablation's schedule; its ACNet row is the short ACNet run
+    assert {n for n, r in runs.items() if "robustness" in r} == {
+        n for n, r in runs.items() if r["schedule"] == "short"}
+    assert "## Ablation (cifar_quick, 2 epochs)" in text
+    acb_short = runs["cifar_quick-acb-e2-s0"]
+    row = " | ".join(f"{acb_short['robustness'][t] * 100:.2f} ± 0.00"
+                     for t in ("none", "hflip", "vflip", "rot90"))
+    assert f"| +both, branch BN (ACNet) | 1 | {row} |" in text
+    assert (f"## Centre vs corner ACB (cifar_quick, 2 epochs)\n\nACNet with the asymmetric "
+            f"kernels on the centre row/column: {acb_short['deployed_test_acc'] * 100:.2f}"
+            in text)
+    # main table on the main schedule, the short table on the short one
+    main, short = (runs[f"cifar_quick-{v}-s0"] for v in ("base", "acb")), \
+        (runs[f"cifar_quick-{v}-e2-s0"] for v in ("base", "acb"))
+    for rows, head in ((main, "## Main result"),
+                       (short, "### The same comparison on the short schedules")):
+        b, a = (r["deployed_test_acc"] * 100 for r in rows)
+        section = text[text.index(head):]
+        assert (f"| cifar_quick | {3 if head.startswith('## ') else 2} | 64 | {b:.2f} ± 0.00 | "
+                f"{a:.2f} ± 0.00 | {a - b:+.2f} ({a - b:+.2f}) | n/a" in section)
+    # plateau: the short baseline, and what the main schedule added to it
+    p = res["plateau"]["cifar_quick"]
+    base, base_short = runs["cifar_quick-base-s0"], runs["cifar_quick-base-e2-s0"]
+    assert p["short"] == [base_short["deployed_test_acc"]] and p["short_epochs"] == 2
+    added = (base["deployed_test_acc"] - base_short["deployed_test_acc"]) * 100
+    assert (f"| cifar_quick | {base_short['deployed_test_acc'] * 100:.2f} ± 0.00 (2); 3 epochs "
+            f"add {added:+.2f} |" in text)
+    # the kernel and sparsity studies used the short runs (base, ACNet, corner of the ablation)
+    assert set(res["sparsity"]) == {"base", "ACNet", "corner ACNet"}
+    with_sparsity = {d.name for d in (tmp_path / "runs").iterdir()
+                     if (d / "sparsity.json").is_file()}
+    assert with_sparsity == {"cifar_quick-base-e2-s0", "cifar_quick-acb-e2-s0",
+                             "cifar_quick-corner-e2-s0"}
+    assert res["sparsity"]["ACNet"] == json.loads(
+        (tmp_path / "runs" / "cifar_quick-acb-e2-s0" / "sparsity.json").read_text())
+    assert (tmp_path / "kernel_magnitude.png").exists() and (tmp_path / "sparsity.png").exists()

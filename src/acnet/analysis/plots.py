@@ -13,7 +13,7 @@ import torch
 
 from .kernels import PATTERNS
 
-__all__ = ["VARIANT_COLOURS", "VARIANT_STYLES", "heatmaps", "sparsity_curves",
+__all__ = ["SHORT_TAG", "VARIANT_COLOURS", "VARIANT_STYLES", "heatmaps", "sparsity_curves",
            "sparsity_panels", "training_curves"]
 
 # one colour per variant slug, in every figure (colour-blind-safe Okabe-Ito palette + grey)
@@ -21,7 +21,15 @@ VARIANT_COLOURS: dict[str, str] = {
     "base": "#000000", "acb": "#D55E00", "hor": "#56B4E9", "ver": "#009E73",
     "nobn": "#CC79A7", "online": "#0072B2", "corner": "#E69F00", "long": "#777777"}
 VARIANT_STYLES: dict[str, str] = {"long": "--"}  # line style where not solid
+SHORT_TAG = "@short"  # a slug with this suffix: the variant on a shorter schedule, dotted
 _OTHER = "#999999"
+
+
+def _style(slug: str) -> tuple[str, str]:
+    """Colour and line style of a variant slug (``slug@short``: its colour, dotted)."""
+    if slug.endswith(SHORT_TAG):
+        return VARIANT_COLOURS.get(slug[:-len(SHORT_TAG)], _OTHER), ":"
+    return VARIANT_COLOURS.get(slug, _OTHER), VARIANT_STYLES.get(slug, "-")
 
 
 def _plt():
@@ -105,8 +113,8 @@ def training_curves(panels: dict[str, dict[str, dict[str, Any]]], path: str | Pa
     fig, axes = _grid(plt, max(len(panels), 1))
     for ax, (name, lines) in zip(axes, panels.items()):
         for slug, c in lines.items():
-            _band(ax, c["epochs"], c["mean"], c["std"], VARIANT_COLOURS.get(slug, _OTHER),
-                  VARIANT_STYLES.get(slug, "-"), (labels or {}).get(slug, slug))
+            _band(ax, c["epochs"], c["mean"], c["std"], *_style(slug),
+                  (labels or {}).get(slug, slug))
         _zoom(ax, lines.values())
         _accuracy_panel(ax, name, "epoch")
     _legend_below(fig, axes)
@@ -114,12 +122,16 @@ def training_curves(panels: dict[str, dict[str, dict[str, Any]]], path: str | Pa
 
 
 def _zoom(ax, curves) -> None:
-    """On long schedules, a y range without the first epoch (which would hide the plateau)."""
+    """On long schedules, a y range without the first fifth of the epochs (at least the first
+    epoch), whose swings would hide the plateau."""
     curves = list(curves)
     if not curves or max(max(c["epochs"]) for c in curves) < 5:
         return
-    lows = [m - s for c in curves for m, s, e in zip(c["mean"], c["std"], c["epochs"]) if e >= 2]
-    highs = [m + s for c in curves for m, s, e in zip(c["mean"], c["std"], c["epochs"]) if e >= 2]
+    first = max(2, round(0.2 * max(max(c["epochs"]) for c in curves)) + 1)
+    lows = [m - s for c in curves for m, s, e in zip(c["mean"], c["std"], c["epochs"])
+            if e >= first]
+    highs = [m + s for c in curves for m, s, e in zip(c["mean"], c["std"], c["epochs"])
+             if e >= first]
     if lows and max(highs) > min(lows):
         pad = 0.1 * (max(highs) - min(lows))
         ax.set_ylim(min(lows) - pad, max(highs) + pad)

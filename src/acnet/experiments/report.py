@@ -15,7 +15,7 @@ import torch
 from ..analysis import plots
 from ..analysis.kernels import pattern_mask
 from ..data.loader import TRANSFORMS
-from .presets import ABLATION, ACNET, BASE, CORNER, LONG, ONLINE, StudyPreset
+from .presets import ABLATION, ACNET, BASE, CORNER, LONG, MAIN, ONLINE, SHORT, StudyPreset
 from .results import (
     PLATEAU_FRACTION,
     STUDY_GROUPS,
@@ -25,6 +25,7 @@ from .results import (
     main_result,
     mean_std,
     pending_runs,
+    schedule_of,
 )
 
 __all__ = ["write_report", "main_table", "deployment_lines", "progress_lines"]
@@ -32,12 +33,32 @@ __all__ = ["write_report", "main_table", "deployment_lines", "progress_lines"]
 TRANSFORM_TITLES = {"none": "normal", "hflip": "horizontal flip", "vflip": "vertical flip",
                     "rot90": "rotate 90°"}
 # short names of the variants in figures and the compact tables
-SHORT = {BASE: "baseline", ACNET: "ACNet", "hor": "+horizontal only", "ver": "+vertical only",
+LABELS = {BASE: "baseline", ACNET: "ACNet", "hor": "+horizontal only", "ver": "+vertical only",
          "nobn": "no branch BN", ONLINE: "online ACNet", CORNER: "corner ACNet",
          LONG: "baseline, longer schedule"}
 # the ablation model's extra panels of the training-curve figure (ACNet drawn in each)
 ABLATION_PANELS = {"one branch": ("hor", "ver", ACNET),
                    "other forms": ("nobn", ONLINE, CORNER, ACNET)}
+
+
+def _epochs(preset: StudyPreset, model: str, schedule: str = MAIN) -> Any:
+    """The epochs of ``model``'s runs on ``schedule`` in the preset."""
+    if schedule == SHORT:
+        return preset.short[model]
+    cfg = {**preset.train, **preset.per_model.get(model, {})}
+    return cfg.get("epochs", "default")
+
+
+def _ablation_runs(preset: StudyPreset) -> str:
+    """'cifar_quick, 15 epochs': the ablation model and its schedule, for titles."""
+    am = preset.ablation_model
+    return f"{am}, {_epochs(preset, am, preset.ablation_schedule)} epochs"
+
+
+def _curve_labels() -> dict[str, str]:
+    """Legend labels of the training-curve figure (variants and short-schedule lines)."""
+    return {**LABELS, **{s + plots.SHORT_TAG: f"{LABELS[s]}, short schedule"
+                         for s in (BASE, ACNET)}}
 
 
 def _pm(xs: list[float], pct: bool = True) -> str:
@@ -76,20 +97,23 @@ def _header(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
             "the **deployed** model (ACBlocks fused into plain convs).", ""]
 
 
-def main_table(res: dict[str, Any], models: tuple[str, ...]) -> list[str]:
-    """Baseline vs ACNet per model, with the seed-noise verdict (or the pending runs)."""
-    lines = ["| model | epochs | train images | baseline | ACNet | gain | beyond seed noise? |",
-             "|---|---|---|---|---|---|---|"]
+def main_table(res: dict[str, Any], models: tuple[str, ...], schedule: str = MAIN) -> list[str]:
+    """Baseline vs ACNet per model on ``schedule``, with the per-seed differences and the
+    seed-noise verdict (or the pending runs)."""
+    lines = ["| model | epochs | train images | baseline | ACNet | gain (per seed) | beyond seed "
+             "noise? |", "|---|---|---|---|---|---|---|"]
     for model in models:
-        r = main_result(res, model)
-        run = next((x for x in res["runs"].values()
-                    if x["model"] == model and x["variant"] in (BASE, ACNET)), None)
-        size = f"{run['epochs']} | {run['train_images']}" if run else "– | –"
+        r = main_result(res, model, schedule)
+        size = f"{r['epochs']} | {r['train_images']}" if r["epochs"] else "– | –"
         if r["base"] and r["acnet"]:
-            tail = (f"{r['gain'] * 100:+.2f} | {r['verdict']} "
+            seeds = ", ".join(f"{d * 100:+.2f}" for d in r["paired"].values())
+            tail = (f"{r['gain'] * 100:+.2f} ({seeds}) | {r['verdict']} "
                     f"(2 s.e. = {2 * r['se'] * 100:.2f})")
         else:
-            tail = f"– | {_pending(pending_runs(res, model, (BASE, ACNET)))}"
+            pending = pending_runs(res, model, (BASE, ACNET), schedule)
+            if not pending and not r["epochs"]:
+                continue  # no such schedule for this model
+            tail = f"– | {_pending(pending)}"
         lines.append(f"| {model} | {size} | {_pm(r['base'])} | {_pm(r['acnet'])} | {tail} |")
     return lines
 
@@ -98,7 +122,7 @@ def _headline(res: dict[str, Any], model: str) -> list[str]:
     """One model's result in words: means, gain, verdict, and the per-seed paired differences."""
     r = main_result(res, model)
     if not (r["base"] and r["acnet"]):
-        return [f"**{model}**: {_pending(pending_runs(res, model, (BASE, ACNET)))}.", ""]
+        return [f"**{model}**: {_pending(pending_runs(res, model, (BASE, ACNET), MAIN))}.", ""]
     lines = [f"**{model}: ACNet {_pm(r['acnet'])} vs baseline {_pm(r['base'])} "
              f"({len(r['acnet'])} and {len(r['base'])} seeds): {r['gain'] * 100:+.2f} points; "
              f"beyond seed noise: {r['verdict']}.**", ""]
@@ -118,9 +142,18 @@ def _main(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     lines = ["## Main result", ""]
     for model in preset.models:
         lines += _headline(res, model)
-    return [*lines, *main_table(res, preset.models), "",
-            "\"Beyond seed noise\" means the difference exceeds twice the standard error of the "
-            "difference of the two means.", ""]
+    lines += [*main_table(res, preset.models), "",
+              "\"Beyond seed noise\" means the difference exceeds twice the standard error of "
+              "the difference of the two means; the per-seed gains are ACNet minus baseline "
+              "with the same seed.", ""]
+    if preset.short:
+        lines += ["### The same comparison on the short schedules", "",
+                  "Baseline and ACNet trained again with every seed on about half the epochs "
+                  "(same recipe, cosine over the shorter schedule): how the gain moves as the "
+                  "models train longer.", "",
+                  *main_table(res, tuple(m for m in preset.models if m in preset.short), SHORT),
+                  ""]
+    return lines
 
 
 def deployment_lines(res: dict[str, Any], prefix: str = "- ") -> list[str]:
@@ -146,18 +179,19 @@ def _deployment(res: dict[str, Any]) -> list[str]:
 def _ablation(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     """Section: every ablation variant under each test transform."""
     am = preset.ablation_model
-    lines = [f"## Ablation ({am}), with robustness to flips and rotation", "",
+    lines = [f"## Ablation ({am}, {_epochs(preset, am, preset.ablation_schedule)} epochs), with "
+             f"robustness to flips and rotation", "",
              "| variant | seeds | " + " | ".join(TRANSFORM_TITLES[t] for t in TRANSFORMS)
              + " |", "|---|---|" + "---|" * len(TRANSFORMS)]
     for slug, variant in ABLATION.items():
         rows = [r for r in res["runs"].values() if r["model"] == am and r["variant"] == slug
-                and "robustness" in r]
+                and schedule_of(r) == preset.ablation_schedule and "robustness" in r]
         if rows:
             cells = [_pm([r["robustness"][t] for r in rows]) for t in TRANSFORMS]
             lines.append(f"| {variant.label} | {len(rows)} | " + " | ".join(cells) + " |")
     if len(lines) == 4:
         lines = lines[:2]
-    missing = pending_runs(res, am, tuple(ABLATION))
+    missing = pending_runs(res, am, tuple(ABLATION), preset.ablation_schedule)
     return lines + ([""] if len(lines) > 2 else []) + ([_pending(missing), ""] if missing
                                                        else [""])
 
@@ -165,13 +199,15 @@ def _ablation(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
 def _corner(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     """Section: centre vs corner position of the asymmetric kernels."""
     am = preset.ablation_model
-    centre, corner = accuracies(res, am, ACNET), accuracies(res, am, CORNER)
-    lines = ["## Centre vs corner ACB", ""]
+    sch = preset.ablation_schedule
+    centre = accuracies(res, am, ACNET, schedule=sch)
+    corner = accuracies(res, am, CORNER, schedule=sch)
+    lines = [f"## Centre vs corner ACB ({am}, {_epochs(preset, am, sch)} epochs)", ""]
     if centre and corner:
         lines.append(f"ACNet with the asymmetric kernels on the centre row/column: "
                      f"{_pm(centre)} ({len(centre)} seeds); on the last row/column (corner, "
                      f"paper Fig. 6c): {_pm(corner)} ({len(corner)} seeds).")
-    missing = pending_runs(res, am, (ACNET, CORNER))
+    missing = pending_runs(res, am, (ACNET, CORNER), sch)
     return lines + ([_pending(missing)] if missing else []) + [""]
 
 
@@ -184,7 +220,8 @@ def _group_pending(preset: StudyPreset, res: dict[str, Any], present: dict[str, 
                    ) -> list[str]:
     """Pending runs of the kernel/sparsity study groups that have no data yet."""
     slugs = tuple(s for t, s in STUDY_GROUPS.items() if t not in present)
-    return pending_runs(res, preset.ablation_model, slugs) if slugs else []
+    return pending_runs(res, preset.ablation_model, slugs, preset.ablation_schedule) if slugs \
+        else []
 
 
 def _kernels(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
@@ -195,7 +232,7 @@ def _kernels(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
         return lines + [_pending(missing), ""] if missing else []
     mats = {k: torch.tensor(v) for k, v in res["kernel_magnitude"].items()}
     plots.heatmaps(mats, out / "kernel_magnitude.png",
-                   f"{preset.ablation_model}: average normalized kernel magnitude")
+                   f"{_ablation_runs(preset)}: average normalized kernel magnitude")
     lines += ["Σ|w| per kernel position of every BN-folded d×d kernel of the deployed model, "
               "normalized per layer and averaged (paper Fig. 6), averaged over seeds.", "",
               "![kernel magnitude](kernel_magnitude.png)", ""]
@@ -221,8 +258,8 @@ def _sparsity(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
         return lines + [_pending(missing), ""] if missing else []
     colours = {t: plots.VARIANT_COLOURS[s] for t, s in STUDY_GROUPS.items()}
     plots.sparsity_panels(res["sparsity"], out / "sparsity.png",
-                          f"{preset.ablation_model}: accuracy after zeroing kernel weights at "
-                          f"random", colours)
+                          f"{_ablation_runs(preset)}: accuracy after zeroing kernel weights "
+                          f"at random", colours)
     ratios = next(iter(next(iter(res["sparsity"].values())).values()))["ratios"]
     seeds = res.get("sparsity_seed", {})
     lines += [f"Fraction of the weights at the pattern's positions set to zero at random "
@@ -271,21 +308,34 @@ def _plateau_words(model: str, p: dict[str, Any]) -> str:
             f"{_convergence(p)}.")
 
 
+def _short_cell(p: dict[str, Any]) -> str:
+    """The baseline on the short schedule, and how much the study's schedule added to it."""
+    if not p.get("short"):
+        return "–"
+    cell = f"{_pm(p['short'])} ({p['short_epochs']})"
+    if p.get("base"):
+        gain = mean_std(p["base"])[0] - mean_std(p["short"])[0]
+        cell += f"; {p['epochs']} epochs add {gain * 100:+.2f}"
+    return cell
+
+
 def _plateau(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     """Section: has the schedule converged? Longer baseline vs the study's, and late rises."""
     plateau = res.get("plateau", {})
     pct = round(PLATEAU_FRACTION * 100)
     lines = ["## Has the schedule converged?", "",
-             f"Rise of the mean test accuracy (training curves, mean over seeds) over the last "
-             f"{pct} % of the epochs, and one baseline trained longer (first seed).", "",
-             "| model | baseline (epochs) | rise, last epochs | seed baseline | longer baseline "
-             "| longer − mean | rise, last epochs (longer) |", "|---|---|---|---|---|---|---|"]
+             f"The baseline on the short schedule and on the study's (mean over seeds), the "
+             f"rise of its mean test accuracy over the last {pct} % of the epochs (training "
+             f"curves), and one baseline trained twice as long (first seed).", "",
+             "| model | baseline, short schedule (epochs) | baseline (epochs) | rise, last epochs "
+             "| seed baseline | longer baseline | longer − mean | rise, last epochs (longer) |",
+             "|---|---|---|---|---|---|---|---|"]
     words = []
     for model in preset.models:
         p = plateau.get(model, {})
         if not p.get("base"):
             continue
-        cells = [f"{_pm(p['base'])} ({p['epochs']})", _rise_cell(p["rise_base"])]
+        cells = [_short_cell(p), f"{_pm(p['base'])} ({p['epochs']})", _rise_cell(p["rise_base"])]
         if "long" in p:
             same = "n/a" if p["same_seed"] is None else f"{p['same_seed'] * 100:.2f}"
             cells += [f"seed {p['seed']}: {same}", f"{p['long'] * 100:.2f} ({p['long_epochs']})",
@@ -296,7 +346,7 @@ def _plateau(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
                       preset.plateau else "not planned", "–", "–"]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     if len(lines) == 6:
-        return lines[:4] + [_pending(pending_runs(res, variants=(BASE,))), ""]
+        return lines[:4] + [_pending(pending_runs(res, variants=(BASE,), schedule=MAIN)), ""]
     return lines + [""] + [f"- {w}" for w in words] + ([""] if words else [])
 
 
@@ -316,10 +366,11 @@ def _int8(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
                   f"{first['calibration_images']} training images, per-"
                   f"{'channel' if first['per_channel'] else 'tensor'} weights), both evaluated "
                   f"on {first['test_images']:,} test images; mean ± std over seeds.", "",
-                  "| model | variant | seeds | fp32 ONNX | INT8 | change | identical "
-                  "predictions |", "|---|---|---|---|---|---|---|"]
+                  "| model | variant | epochs | seeds | fp32 ONNX | INT8 | change | identical "
+                  "predictions |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {SHORT[r['variant']]} | {len(r['fp32'])} | "
+        lines.append(f"| {r['model']} | {LABELS[r['variant']]} | {r['epochs']} | "
+                     f"{len(r['fp32'])} | "
                      f"{_pm(r['fp32'])} | {_pm(r['int8'])} | {_pm(r['change'])} | "
                      f"{_pm(r['agreement'])} |")
     missing = pending_runs(res, variants=(BASE, ACNET, ONLINE))
@@ -355,10 +406,12 @@ def _load_cell(r: dict[str, Any]) -> str:
 
 
 def _wall_clock(res: dict[str, Any], model: str) -> str:
-    """Mean wall-clock seconds per run, baseline / ACNet / online, as they happened."""
+    """Mean wall-clock seconds per epoch, baseline / ACNet / online, as they happened (every
+    schedule)."""
     cells = []
     for v in (BASE, ACNET, ONLINE):
-        s = accuracies(res, model, v, key="seconds")
+        s = [r["seconds"] / r["epochs"] for r in res["runs"].values()
+             if r["model"] == model and r["variant"] == v and r.get("epochs")]
         cells.append(f"{statistics.fmean(s):.0f}" if s else "–")
     return " / ".join(cells)
 
@@ -379,7 +432,7 @@ def _training_cost(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
               f"/ after shows whether other work shared the machine (remeasure by deleting "
               f"`cost_bench.json`).", "",
               "| model | batch | baseline ms/step | ACNet | online ACNet | no branch BN | load "
-              "| wall-clock s/run: baseline / ACNet / online (as it happened) |",
+              "| wall-clock s/epoch: baseline / ACNet / online (as it happened) |",
               "|---|---|---|---|---|---|---|---|"]
     for model, r in bench.items():
         q = r["ratio"]
@@ -387,8 +440,8 @@ def _training_cost(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
                      f"{q.get('acb_online', float('nan')):.2f}× | "
                      f"{q.get('acb_no_branch_bn', float('nan')):.2f}× | {_load_cell(r)} | "
                      f"{_wall_clock(res, model)} |")
-    return lines + ["", "The wall-clock column is each run's own training time (mean over "
-                    "seeds), measured while other runs or work may have shared the CPU: "
+    return lines + ["", "The wall-clock column is the runs' own training time per epoch (mean "
+                    "over runs), measured while other runs or work may have shared the CPU: "
                     "context, not the cost.", ""]
 
 
@@ -403,23 +456,28 @@ def _band(curves: list[list[dict[str, Any]]]) -> dict[str, Any] | None:
 
 
 def _curve_panels(preset: StudyPreset, res: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Figure panels: one per model, then the ablation model's variants in small groups."""
-    def lines(model: str, slugs: tuple[str, ...]) -> dict[str, Any]:
-        """The mean ± std band of each variant that has runs."""
+    """Figure panels: one per model (baseline and ACNet on the main and, dotted, the short
+    schedule, and the longer baseline), then the ablation model's variants in small groups."""
+    def lines(model: str, slugs: tuple[str, ...], schedule: str = MAIN, tag: str = ""
+              ) -> dict[str, Any]:
+        """The mean ± std band of each variant that has runs (keys: slug + tag)."""
         out = {}
         for slug in slugs:
-            band = _band([r["curve"] for r in res["runs"].values()
-                          if r["model"] == model and r["variant"] == slug])
+            band = _band([r["curve"] for r in res["runs"].values() if r["model"] == model
+                          and r["variant"] == slug and schedule_of(r) == schedule])
             if band:
-                out[slug] = band
+                out[slug + tag] = band
         return out
 
-    panels = {model: lines(model, (BASE, ACNET, LONG)) for model in preset.models}
+    panels = {model: {**lines(model, (BASE, ACNET)),
+                      **lines(model, (BASE, ACNET), SHORT, plots.SHORT_TAG),
+                      **lines(model, (LONG,))} for model in preset.models}
     if preset.ablation:
+        sch = preset.ablation_schedule
         for title, slugs in ABLATION_PANELS.items():
-            extra = lines(preset.ablation_model, slugs)
+            extra = lines(preset.ablation_model, slugs, sch)
             if set(extra) - {ACNET}:
-                panels[f"{preset.ablation_model}: {title}"] = extra
+                panels[f"{_ablation_runs(preset)}: {title}"] = extra
     return {k: v for k, v in panels.items() if v}
 
 
@@ -429,11 +487,13 @@ def _curves(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
     lines = ["## Training curves", ""]
     if panels:
         plots.training_curves(panels, out / "training_curves.png",
-                              "test accuracy per epoch (mean ± std over seeds)", SHORT)
-        lines += ["One panel per model (the dashed line: the baseline trained longer, first "
-                  "seed); the ablation variants of " f"{preset.ablation_model} in the last "
-                  "panels, with ACNet for reference. Same colour, same variant, in every "
-                  "figure.", "", "![training curves](training_curves.png)", ""]
+                              "test accuracy per epoch (mean ± std over seeds)", _curve_labels())
+        short = (" and (dotted) on the short schedule" if preset.short else "")
+        lines += [f"One panel per model: baseline and ACNet on the study's schedule{short}, "
+                  f"and the baseline trained longer (dashed, first seed); the ablation variants "
+                  f"({_ablation_runs(preset)}) in the last panels, with ACNet for reference. "
+                  f"Same colour, same variant, in every figure.", "",
+                  "![training curves](training_curves.png)", ""]
     return lines + ["Numbers behind every table: `results.json`; per-run directories: "
                     "`runs/`."]
 

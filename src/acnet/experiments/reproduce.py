@@ -26,6 +26,7 @@ from .presets import (
     ACNET,
     BASE,
     LONG,
+    MAIN,
     ONLINE,
     STUDY_PRESETS,
     RunSpec,
@@ -190,10 +191,11 @@ def _run_entries(preset: StudyPreset, out: Path, runs: list[RunSpec]) -> dict[st
     entries = {}
     for spec in runs:
         run = _run(out, spec)
-        entry = {"model": spec.model, "variant": spec.variant, "label": spec.label,
-                 "seed": spec.seed, **run.read_metrics(), "curve": run.metrics_lines()}
+        entry = {"model": spec.model, "variant": spec.variant, "schedule": spec.schedule,
+                 "label": spec.label, "seed": spec.seed, **run.read_metrics(),
+                 "curve": run.metrics_lines()}
         if (preset.ablation and spec.model == preset.ablation_model
-                and spec.variant in ABLATION):
+                and spec.variant in ABLATION and spec.schedule == preset.ablation_schedule):
             entry["robustness"] = _robustness(run)
         entries[spec.name] = entry
     return entries
@@ -211,10 +213,12 @@ def _sparsity(preset: StudyPreset, run: RunDir, model: torch.nn.Module) -> dict[
 
 def _kernels_and_sparsity(preset: StudyPreset, out: Path, runs: list[RunSpec]
                           ) -> dict[str, Any]:
-    """Kernel magnitude and sparsity per study group, from deployed.safetensors (BN folded)."""
+    """Kernel magnitude and sparsity per study group (the ablation model on the ablation's
+    schedule), from deployed.safetensors (BN folded)."""
     res: dict[str, Any] = {"kernel_magnitude": {}, "sparsity": {}, "sparsity_seed": {}}
     for title, slug in STUDY_GROUPS.items():
-        specs = [s for s in runs if s.model == preset.ablation_model and s.variant == slug]
+        specs = [s for s in runs if s.model == preset.ablation_model and s.variant == slug
+                 and s.schedule == preset.ablation_schedule]
         models = [load_deployed_model(_run(out, s).path) for s in specs]
         mats = [kernel_magnitude(m, dominant_kernel_size(m)) for m in models]
         if mats and len({m.shape[0] for m in mats}) == 1:
@@ -230,8 +234,8 @@ def _kernels_and_sparsity(preset: StudyPreset, out: Path, runs: list[RunSpec]
 def _cost(model_name: str, out: Path, runs: list[RunSpec], entries: dict[str, Any]
           ) -> dict[str, Any] | None:
     """Params, MACs and latency of base vs deployed ACNet; None until both have a run."""
-    base_spec, acb_spec = (next((s for s in runs if s.model == model_name and s.variant == v),
-                                None) for v in (BASE, ACNET))
+    base_spec, acb_spec = (next((s for s in runs if s.model == model_name and s.variant == v
+                                 and s.schedule == MAIN), None) for v in (BASE, ACNET))
     if base_spec is None or acb_spec is None:
         return None
     cfg = _run(out, base_spec).read_config()
@@ -241,8 +245,8 @@ def _cost(model_name: str, out: Path, runs: list[RunSpec], entries: dict[str, An
     lat = latency_ratio({"base": base, "acnet": acb}, shape)
 
     def seconds(variant: str) -> float:
-        return mean_std([r["seconds"] for r in entries.values()
-                         if r["model"] == model_name and r["variant"] == variant])[0]
+        return mean_std([r["seconds"] for r in entries.values() if r["model"] == model_name
+                         and r["variant"] == variant and r["schedule"] == MAIN])[0]
 
     return {"params_base": count_params(base), "params_acnet_deployed": count_params(acb),
             "params_acnet_training": entries[acb_spec.name]["params_train"],
@@ -317,7 +321,8 @@ def analyze_runs(preset: StudyPreset, out: Path, runs: list[RunSpec],
     res: dict[str, Any] = {
         "preset": preset.name, "dataset": preset.dataset, "seeds": list(preset.seeds),
         "runs": entries, "planned": len(planned or runs),
-        "pending": [{"name": s.name, "model": s.model, "variant": s.variant, "seed": s.seed}
+        "pending": [{"name": s.name, "model": s.model, "variant": s.variant, "seed": s.seed,
+                     "schedule": s.schedule}
                     for s in planned or [] if s.name not in done],  # in the study's order
         **_kernels_and_sparsity(preset, out, runs)}
     res["cost"] = {m: c for m in preset.models if (c := _cost(m, out, runs, entries))}

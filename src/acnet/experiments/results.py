@@ -7,10 +7,11 @@ import math
 import statistics
 from typing import Any
 
-from .presets import ACNET, BASE, CORNER, LONG
+from .presets import ACNET, BASE, CORNER, LONG, MAIN, SHORT
 
-__all__ = ["RESULTS", "STUDY_GROUPS", "mean_std", "accuracies", "main_result", "paired_differences",
-           "deployment_check", "pending_runs", "curve_rise", "plateau_check", "int8_rows"]
+__all__ = ["RESULTS", "STUDY_GROUPS", "mean_std", "schedule_of", "accuracies", "main_result",
+           "paired_differences", "deployment_check", "pending_runs", "curve_rise", "plateau_check",
+           "int8_rows"]
 
 RESULTS = "results.json"  # beside report.md in the study directory
 # kernel magnitude and sparsity: these variants of the ablation model, under these titles
@@ -25,22 +26,31 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def _rows(res: dict[str, Any], model: str, variant: str) -> list[dict[str, Any]]:
-    """Every finished run of ``model`` in ``variant``, by seed."""
-    return sorted((r for r in res["runs"].values()
-                   if r["model"] == model and r["variant"] == variant), key=lambda r: r["seed"])
+def schedule_of(run: dict[str, Any]) -> str:
+    """A run's schedule (MAIN or SHORT; results written before schedules existed: MAIN)."""
+    return run.get("schedule", MAIN)
+
+
+def _rows(res: dict[str, Any], model: str, variant: str, schedule: str = MAIN
+          ) -> list[dict[str, Any]]:
+    """Every finished run of ``model`` in ``variant`` on ``schedule``, by seed."""
+    return sorted((r for r in res["runs"].values() if r["model"] == model
+                   and r["variant"] == variant and schedule_of(r) == schedule),
+                  key=lambda r: r["seed"])
 
 
 def accuracies(res: dict[str, Any], model: str, variant: str,
-               key: str = "deployed_test_acc") -> list[float]:
-    """``key`` of every seed's run of ``model`` in ablation ``variant`` (a slug)."""
-    return [r[key] for r in _rows(res, model, variant)]
+               key: str = "deployed_test_acc", schedule: str = MAIN) -> list[float]:
+    """``key`` of every seed's run of ``model`` in ablation ``variant`` (a slug) on
+    ``schedule``."""
+    return [r[key] for r in _rows(res, model, variant, schedule)]
 
 
-def main_result(res: dict[str, Any], model: str) -> dict[str, Any]:
-    """Baseline vs ACNet on one model: accuracies, gain, and whether it beats seed noise
-    (the gain exceeds twice the standard error of the difference of the two means)."""
-    b, a = accuracies(res, model, BASE), accuracies(res, model, ACNET)
+def main_result(res: dict[str, Any], model: str, schedule: str = MAIN) -> dict[str, Any]:
+    """Baseline vs ACNet on one model and schedule: accuracies, gain, and whether it beats seed
+    noise (the gain exceeds twice the standard error of the difference of the two means)."""
+    b, a = accuracies(res, model, BASE, schedule=schedule), \
+        accuracies(res, model, ACNET, schedule=schedule)
     (mb, sb), (ma, sa) = mean_std(b), mean_std(a)
     se = math.sqrt(sa ** 2 / max(len(a), 1) + sb ** 2 / max(len(b), 1)) if a and b else math.nan
     gain = ma - mb
@@ -50,15 +60,19 @@ def main_result(res: dict[str, Any], model: str) -> dict[str, Any]:
         verdict = "yes, better" if gain > 0 else "yes, worse"
     else:
         verdict = "no"
+    runs = _rows(res, model, BASE, schedule) + _rows(res, model, ACNET, schedule)
     return {"base": b, "acnet": a, "gain": gain, "se": se, "verdict": verdict,
-            "paired": paired_differences(res, model)}
+            "paired": paired_differences(res, model, schedule),
+            "epochs": runs[0]["epochs"] if runs else None,
+            "train_images": runs[0]["train_images"] if runs else None}
 
 
-def paired_differences(res: dict[str, Any], model: str) -> dict[int, float]:
-    """ACNet minus baseline accuracy for each seed that has both runs."""
+def paired_differences(res: dict[str, Any], model: str, schedule: str = MAIN
+                       ) -> dict[int, float]:
+    """ACNet minus baseline accuracy for each seed that has both runs on ``schedule``."""
     by_seed: dict[int, dict[str, float]] = {}
     for r in res["runs"].values():
-        if r["model"] == model and r["variant"] in (BASE, ACNET):
+        if r["model"] == model and r["variant"] in (BASE, ACNET) and schedule_of(r) == schedule:
             by_seed.setdefault(r["seed"], {})[r["variant"]] = r["deployed_test_acc"]
     return {s: v[ACNET] - v[BASE] for s, v in sorted(by_seed.items()) if len(v) == 2}
 
@@ -80,11 +94,14 @@ def deployment_check(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def pending_runs(res: dict[str, Any], model: str | None = None,
-                 variants: tuple[str, ...] | None = None) -> list[str]:
-    """Names of the study's runs not finished yet, optionally of one model and variants."""
+                 variants: tuple[str, ...] | None = None, schedule: str | None = None
+                 ) -> list[str]:
+    """Names of the study's runs not finished yet, optionally of one model, variants and
+    schedule."""
     return [p["name"] for p in res.get("pending", [])
             if (model is None or p["model"] == model)
-            and (variants is None or p["variant"] in variants)]
+            and (variants is None or p["variant"] in variants)
+            and (schedule is None or schedule_of(p) == schedule)]
 
 
 def _mean_curve(curves: list[list[dict[str, Any]]]) -> dict[int, float]:
@@ -111,11 +128,15 @@ def curve_rise(curves: list[list[dict[str, Any]]], fraction: float = PLATEAU_FRA
 
 
 def plateau_check(res: dict[str, Any], model: str) -> dict[str, Any]:
-    """The study's baseline vs the longer one (noise: 2 s √(1 + 1/n)), and their late rises."""
+    """The study's baseline vs the longer one (noise: 2 s √(1 + 1/n)), their late rises, and
+    the baseline on the short schedule (where the study has one)."""
     base = _rows(res, model, BASE)
+    short = _rows(res, model, BASE, SHORT)
     out: dict[str, Any] = {"base": [r["deployed_test_acc"] for r in base],
                            "epochs": base[0]["epochs"] if base else None,
-                           "rise_base": curve_rise([r["curve"] for r in base])}
+                           "rise_base": curve_rise([r["curve"] for r in base]),
+                           "short": [r["deployed_test_acc"] for r in short],
+                           "short_epochs": short[0]["epochs"] if short else None}
     long = _rows(res, model, LONG)
     if not long:
         return out
@@ -134,13 +155,16 @@ def plateau_check(res: dict[str, Any], model: str) -> dict[str, Any]:
 
 
 def int8_rows(res: dict[str, Any], variants: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Per model and variant: fp32 ONNX and INT8 accuracy, change, agreement, per seed."""
+    """Per model, schedule and variant: fp32 ONNX and INT8 accuracy, change, agreement, per
+    seed."""
     rows = []
     for model in dict.fromkeys(r["model"] for r in res["runs"].values()):
-        for v in variants:
-            runs = [r["int8"] for r in _rows(res, model, v) if r.get("int8")]
+        for schedule, v in ((sch, v) for sch in (MAIN, SHORT) for v in variants):
+            found = [r for r in _rows(res, model, v, schedule) if r.get("int8")]
+            runs = [r["int8"] for r in found]
             if runs:
-                rows.append({"model": model, "variant": v,
+                rows.append({"model": model, "variant": v, "schedule": schedule,
+                             "epochs": found[0]["epochs"],
                              "fp32": [x["onnx_test_acc"] for x in runs],
                              "int8": [x["int8_test_acc"] for x in runs],
                              "change": [x["int8_test_acc"] - x["onnx_test_acc"] for x in runs],
