@@ -92,8 +92,8 @@ def add_reproduce(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", help="comma-separated seeds instead of the preset's")
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="runs trained at once, each in its own process with its share of the "
-                        "CPU threads, longest expected run first (default 1; 2 is faster on a "
-                        "2-core CPU)")
+                        "CPU threads, the main comparison first and within each part the "
+                        "longest expected run first (default 1; 2 is faster on a 2-core CPU)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the report of the runs finished so far")
     p.add_argument("--device", default="auto")
