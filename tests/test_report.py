@@ -164,6 +164,35 @@ def test_deployment_check_with_a_missing_variant():
     assert p["rise_base"] is None and "long" not in p
 
 
+def test_results_without_schedules_are_the_main_schedule_and_summary_shows_the_short(tmp_path):
+    """results.json written before schedules existed: every run (and pending run) is MAIN;
+    `summary` prints the short schedules' table beside the main one."""
+    from acnet.experiments.results import main_result, pending_runs
+
+    def run(variant: str, seed: int, acc: float, epochs: int, **extra) -> dict:
+        return {"model": "m", "variant": variant, "seed": seed, "deployed_test_acc": acc,
+                "epochs": epochs, "train_images": 64, "max_abs_diff_deploy": 1e-6,
+                "prediction_agreement": 1.0, "params_train": 10, "params_deployed": 10, **extra}
+
+    old = {"runs": {"m-base-s0": run("base", 0, 0.5, 3), "m-acb-s0": run("acb", 0, 0.6, 3)},
+           "pending": [{"name": "m-base-s1", "model": "m", "variant": "base", "seed": 1}]}
+    r = main_result(old, "m")
+    assert r["base"] == [0.5] and r["acnet"] == [0.6] and r["epochs"] == 3
+    assert main_result(old, "m", presets.SHORT)["base"] == []
+    assert pending_runs(old, schedule=presets.MAIN) == ["m-base-s1"]
+    assert pending_runs(old, schedule=presets.SHORT) == []
+    new = {"preset": "no-such-preset", "runs": {
+        **old["runs"], "m-base-e2-s0": run("base", 0, 0.4, 2, schedule="short"),
+        "m-acb-e2-s0": run("acb", 0, 0.45, 2, schedule="short")}, "pending": []}
+    (tmp_path / "results.json").write_text(json.dumps(new))
+    printed = rep.summary(tmp_path)
+    main, short = printed.split("Short schedules:")
+    assert "| m | 3 | 64 | 50.00 ± 0.00 | 60.00 ± 0.00 | +10.00 (+10.00) |" in main
+    assert "| m | 2 | 64 | 40.00 ± 0.00 | 45.00 ± 0.00 | +5.00 (+5.00) |" in short
+    (tmp_path / "results.json").write_text(json.dumps({**old, "preset": "no-such-preset"}))
+    assert "Short schedules" not in rep.summary(tmp_path)
+
+
 def test_committed_study_without_checkpoints_analyzes_the_same(study):
     out, _ = study
     res = json.loads((out / "results.json").read_text())

@@ -15,6 +15,7 @@ import torch
 from ..analysis import plots
 from ..analysis.kernels import pattern_mask
 from ..data.loader import TRANSFORMS
+from ..train.config import MODEL_DEFAULTS
 from .presets import ABLATION, ACNET, BASE, CORNER, LONG, MAIN, ONLINE, SHORT, StudyPreset
 from .results import (
     PLATEAU_FRACTION,
@@ -42,10 +43,11 @@ ABLATION_PANELS = {"one branch": ("hor", "ver", ACNET),
 
 
 def _epochs(preset: StudyPreset, model: str, schedule: str = MAIN) -> Any:
-    """The epochs of ``model``'s runs on ``schedule`` in the preset."""
+    """The epochs of ``model``'s runs on ``schedule`` in the preset (else the model's
+    default, as TrainConfig resolves it)."""
     if schedule == SHORT:
         return preset.short[model]
-    cfg = {**preset.train, **preset.per_model.get(model, {})}
+    cfg = {**MODEL_DEFAULTS.get(model, {}), **preset.train, **preset.per_model.get(model, {})}
     return cfg.get("epochs", "default")
 
 
@@ -107,7 +109,8 @@ def main_table(res: dict[str, Any], models: tuple[str, ...], schedule: str = MAI
         size = f"{r['epochs']} | {r['train_images']}" if r["epochs"] else "– | –"
         if r["base"] and r["acnet"]:
             seeds = ", ".join(f"{d * 100:+.2f}" for d in r["paired"].values())
-            tail = (f"{r['gain'] * 100:+.2f} ({seeds}) | {r['verdict']} "
+            seeds = f" ({seeds})" if seeds else ""  # no seed with both runs yet: none
+            tail = (f"{r['gain'] * 100:+.2f}{seeds} | {r['verdict']} "
                     f"(2 s.e. = {2 * r['se'] * 100:.2f})")
         else:
             pending = pending_runs(res, model, (BASE, ACNET), schedule)
@@ -326,7 +329,7 @@ def _plateau(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     lines = ["## Has the schedule converged?", "",
              f"The baseline on the short schedule and on the study's (mean over seeds), the "
              f"rise of its mean test accuracy over the last {pct} % of the epochs (training "
-             f"curves), and one baseline trained twice as long (first seed).", "",
+             f"curves), and one baseline trained longer (first seed).", "",
              "| model | baseline, short schedule (epochs) | baseline (epochs) | rise, last epochs "
              "| seed baseline | longer baseline | longer − mean | rise, last epochs (longer) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -389,7 +392,7 @@ def _inference_cost(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     for model in preset.models:
         c = res["cost"].get(model)
         if c is None:
-            missing += pending_runs(res, model, (BASE, ACNET))
+            missing += pending_runs(res, model, (BASE, ACNET), MAIN)
             continue
         lines.append(f"| {model} | {c['params_base']:,} | {c['params_acnet_deployed']:,} | "
                      f"{c['params_acnet_training']:,} | {c['macs_base']:,} | "

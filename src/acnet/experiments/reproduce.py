@@ -28,6 +28,7 @@ from .presets import (
     LONG,
     MAIN,
     ONLINE,
+    SHORT,
     STUDY_PRESETS,
     RunSpec,
     StudyPreset,
@@ -35,7 +36,7 @@ from .presets import (
     tier,
 )
 from .report import deployment_lines, main_table, progress_lines, write_report
-from .results import RESULTS, STUDY_GROUPS, mean_std, plateau_check
+from .results import RESULTS, STUDY_GROUPS, mean_std, plateau_check, schedule_of
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,8 @@ def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
 
     ``command``: the command line to quote in the report (default: an equivalent one).
     ``seeds``: other seeds than the preset's. ``jobs``: runs trained at once, in separate
-    processes splitting the CPU threads (on 2 CPU cores 2 jobs train about 1.1-1.3× faster), the
-    longest expected run first (`longest_first`).
+    processes splitting the CPU threads (on 2 CPU cores 2 jobs train about 1.1-1.3× faster), by
+    the study's priority and then the longest expected run first (`longest_first`).
     ``train_runs=False``: train nothing; report on the runs finished so far (a study in
     progress).
     """
@@ -337,12 +338,18 @@ def analyze_runs(preset: StudyPreset, out: Path, runs: list[RunSpec],
 
 
 def summary(study_dir: str | Path) -> str:
-    """The progress, main table and deployment check of a study, as text."""
+    """The progress, main table (and the short schedules' one, where the study has them) and
+    deployment check of a study, as text."""
     res = json.loads((Path(study_dir) / RESULTS).read_text())
     preset = STUDY_PRESETS.get(res["preset"])
     models = preset.models if preset else tuple(dict.fromkeys(
         r["model"] for r in res["runs"].values()))
-    lines = [*progress_lines(res), "## Main result", "", *main_table(res, models), "",
-             "Deployment check (every run: trained model vs its deployed, BN-folded form on the "
-             "test set):", *deployment_lines(res, "  ")]
+    on_short = {r["model"] for r in [*res["runs"].values(), *res.get("pending", [])]
+                if schedule_of(r) == SHORT}
+    short = tuple(m for m in models if m in on_short)
+    lines = [*progress_lines(res), "## Main result", "", *main_table(res, models), ""]
+    if short:
+        lines += ["Short schedules:", "", *main_table(res, short, SHORT), ""]
+    lines += ["Deployment check (every run: trained model vs its deployed, BN-folded form on the "
+              "test set):", *deployment_lines(res, "  ")]
     return "\n".join(lines)
