@@ -187,8 +187,8 @@ def test_results_without_schedules_are_the_main_schedule_and_summary_shows_the_s
     (tmp_path / "results.json").write_text(json.dumps(new))
     printed = rep.summary(tmp_path)
     main, short = printed.split("Short schedules:")
-    assert "| m | 3 | 64 | 50.00 ± 0.00 | 60.00 ± 0.00 | +10.00 (+10.00) |" in main
-    assert "| m | 2 | 64 | 40.00 ± 0.00 | 45.00 ± 0.00 | +5.00 (+5.00) |" in short
+    assert "| m | 3 | 64 | 50.00 | 60.00 | +10.00 (+10.00) |" in main
+    assert "| m | 2 | 64 | 40.00 | 45.00 | +5.00 (+5.00) |" in short
     (tmp_path / "results.json").write_text(json.dumps({**old, "preset": "no-such-preset"}))
     assert "Short schedules" not in rep.summary(tmp_path)
 
@@ -375,7 +375,7 @@ def test_short_schedule_comparison_and_ablation_on_it(tmp_path, monkeypatch):
         n for n, r in runs.items() if r["schedule"] == "short"}
     assert "## Ablation (cifar_quick, 2 epochs)" in text
     acb_short = runs["cifar_quick-acb-e2-s0"]
-    row = " | ".join(f"{acb_short['robustness'][t] * 100:.2f} ± 0.00"
+    row = " | ".join(f"{acb_short['robustness'][t] * 100:.2f}"
                      for t in ("none", "hflip", "vflip", "rot90"))
     assert f"| +both, branch BN (ACNet) | 1 | {row} |" in text
     assert (f"## Centre vs corner ACB (cifar_quick, 2 epochs)\n\nACNet with the asymmetric "
@@ -388,14 +388,14 @@ def test_short_schedule_comparison_and_ablation_on_it(tmp_path, monkeypatch):
                        (short, "### The same comparison on the short schedules")):
         b, a = (r["deployed_test_acc"] * 100 for r in rows)
         section = text[text.index(head):]
-        assert (f"| cifar_quick | {3 if head.startswith('## ') else 2} | 64 | {b:.2f} ± 0.00 | "
-                f"{a:.2f} ± 0.00 | {a - b:+.2f} ({a - b:+.2f}) | n/a" in section)
+        assert (f"| cifar_quick | {3 if head.startswith('## ') else 2} | 64 | {b:.2f} | "
+                f"{a:.2f} | {a - b:+.2f} ({a - b:+.2f}) | n/a" in section)
     # plateau: the short baseline, and what the main schedule added to it
     p = res["plateau"]["cifar_quick"]
     base, base_short = runs["cifar_quick-base-s0"], runs["cifar_quick-base-e2-s0"]
     assert p["short"] == [base_short["deployed_test_acc"]] and p["short_epochs"] == 2
     added = (base["deployed_test_acc"] - base_short["deployed_test_acc"]) * 100
-    assert (f"| cifar_quick | {base_short['deployed_test_acc'] * 100:.2f} ± 0.00 (2); 3 epochs "
+    assert (f"| cifar_quick | {base_short['deployed_test_acc'] * 100:.2f} (2); 3 epochs "
             f"add {added:+.2f} |" in text)
     # the kernel and sparsity studies used the short runs (base, ACNet, corner of the ablation)
     assert set(res["sparsity"]) == {"base", "ACNet", "corner ACNet"}

@@ -131,7 +131,7 @@ def bench_training(model_name: str, device: torch.device, batch: int, repeats: i
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, in_channels, image, image, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
-    load0 = _load()
+    load0 = load_average()
     fns, peak, first = {}, {}, {}
     for name, m in _training_models(model_name, compile, in_channels).items():
         m = m.to(device, memory_format=fmt).train()
@@ -144,7 +144,7 @@ def bench_training(model_name: str, device: torch.device, batch: int, repeats: i
     out = {"model": model_name, "batch": batch, "channels_last": channels_last,
            "ms": {k: v * 1e3 for k, v in med.items()},
            "ratio": {k: v / med["base"] for k, v in med.items()},
-           "load_avg": [load0, _load()]}
+           "load_avg": [load0, load_average()]}
     if first:
         out["compile_s"] = first
     if peak:
@@ -152,7 +152,7 @@ def bench_training(model_name: str, device: torch.device, batch: int, repeats: i
     return out
 
 
-def _load() -> float | None:
+def load_average() -> float | None:
     """The 1-minute load average (None where the OS has none): others' work skews timings."""
     try:
         return round(os.getloadavg()[0], 2)
@@ -169,12 +169,12 @@ def bench_inference(model_name: str, device: torch.device, batch: int, repeats: 
     online = convert(base, preserve=False, **TRAINING_VARIANTS["acb_online"]).eval()
     variants = {"base": deploy(base, fold_bn=True), "acnet_deployed": deploy(acb, fold_bn=True),
                 "acnet_unfused": acb, "online_unfused": online}
-    load0 = _load()
+    load0 = load_average()
     lat = latency_ratio({k: m.to(device) for k, m in variants.items()}, (batch, 3, 32, 32),
                         repeats=repeats, warmup=warmup, device=device, baseline="base")
     ms = lat["ms"]
     lat["unfused_vs_deployed"] = ms["acnet_unfused"] / ms["acnet_deployed"]
-    return {"model": model_name, "batch": batch, **lat, "load_avg": [load0, _load()]}
+    return {"model": model_name, "batch": batch, **lat, "load_avg": [load0, load_average()]}
 
 
 def bench_conversion(repeats: int = 3) -> dict[str, Any] | None:

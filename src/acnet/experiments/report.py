@@ -64,12 +64,13 @@ def _curve_labels() -> dict[str, str]:
 
 
 def _pm(xs: list[float], pct: bool = True) -> str:
-    """``mean ± std`` (in % by default), or n/a."""
+    """``mean ± std`` (in % by default), the bare value for one run (no spread to show), or
+    n/a."""
     m, s = mean_std(xs)
     if m != m:  # NaN: no values
         return "n/a"
     k = 100 if pct else 1
-    return f"{m * k:.2f} ± {s * k:.2f}"
+    return f"{m * k:.2f}" if len(xs) == 1 else f"{m * k:.2f} ± {s * k:.2f}"
 
 
 def _pending(names: list[str]) -> str:
@@ -135,8 +136,8 @@ def _headline(res: dict[str, Any], model: str) -> list[str]:
         m, sd = mean_std(list(diffs.values()))
         lines += ["ACNet minus baseline, same seed: " + ", ".join(
             f"seed {s} {d * 100:+.2f}" for s, d in diffs.items())
-            + f" (mean {m * 100:+.2f} ± {sd * 100:.2f}; ACNet ahead on {wins} of {len(diffs)} "
-            f"seeds).", ""]
+            + f" (mean {m * 100:+.2f}" + (f" ± {sd * 100:.2f}" if len(diffs) > 1 else "")
+            + f"; ACNet ahead on {wins} of {len(diffs)} seeds).", ""]
     return lines
 
 
@@ -384,10 +385,11 @@ def _inference_cost(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     """Section: params, MACs and latency of the deployed models."""
     lines = ["## Inference cost", "",
              "Deployed with conv-BN folded, batch 1, median CPU latency interleaved in one "
-             "process.", "",
+             "process, measured when the report is written; the 1-minute load average before / "
+             "after shows whether other work (a study still training) shared the CPU.", "",
              "| model | params base | params ACNet deployed | params ACNet training | MACs base "
-             "| MACs ACNet deployed | latency base ms | latency ACNet ms |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| MACs ACNet deployed | latency base ms | latency ACNet ms | load |",
+             "|---|---|---|---|---|---|---|---|---|"]
     missing = []
     for model in preset.models:
         c = res["cost"].get(model)
@@ -397,7 +399,7 @@ def _inference_cost(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
         lines.append(f"| {model} | {c['params_base']:,} | {c['params_acnet_deployed']:,} | "
                      f"{c['params_acnet_training']:,} | {c['macs_base']:,} | "
                      f"{c['macs_acnet_deployed']:,} | {c['latency_ms_base']:.3f} | "
-                     f"{c['latency_ms_acnet']:.3f} |")
+                     f"{c['latency_ms_acnet']:.3f} | {_load_cell(c)} |")
     if not res["cost"]:
         return lines[:2] + [_pending(missing), ""]
     return lines + [""] + ([_pending(missing), ""] if missing else [])

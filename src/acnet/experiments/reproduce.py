@@ -16,7 +16,7 @@ import torch
 from ..analysis import kernel_magnitude, robustness, sparsity_study
 from ..analysis.cost import count_macs, count_params, latency_ratio
 from ..analysis.kernels import dominant_kernel_size
-from ..bench import bench_training, machine
+from ..bench import bench_training, load_average, machine
 from ..convert import deploy
 from ..io import save_json
 from ..runs import load_deployed_model, run_test_split
@@ -243,7 +243,9 @@ def _cost(model_name: str, out: Path, runs: list[RunSpec], entries: dict[str, An
     shape = (1, cfg.in_channels, cfg.input_size, cfg.input_size)
     base = deploy(build_base_model(cfg).eval(), fold_bn=True)
     acb = deploy(load_deployed_model(_run(out, acb_spec).path), fold_bn=True)
+    load0 = load_average()
     lat = latency_ratio({"base": base, "acnet": acb}, shape)
+    load = [load0, load_average()]
 
     def seconds(variant: str) -> float:
         return mean_std([r["seconds"] for r in entries.values() if r["model"] == model_name
@@ -253,7 +255,7 @@ def _cost(model_name: str, out: Path, runs: list[RunSpec], entries: dict[str, An
             "params_acnet_training": entries[acb_spec.name]["params_train"],
             "macs_base": count_macs(base, shape), "macs_acnet_deployed": count_macs(acb, shape),
             "latency_ms_base": lat["ms"]["base"], "latency_ms_acnet": lat["ms"]["acnet"],
-            "latency_ratio_acnet": lat["ratio"]["acnet"],
+            "latency_ratio_acnet": lat["ratio"]["acnet"], "load_avg": load,
             "train_seconds_base": seconds(BASE), "train_seconds_acnet": seconds(ACNET)}
 
 
