@@ -110,6 +110,7 @@ def test_reproduce_tiny_end_to_end(tmp_path, monkeypatch):
     res = json.loads((tmp_path / "results.json").read_text())
     assert len(res["runs"]) == 14  # 7 ablation variants (incl. base, ACNet, online) x 2 seeds
     assert "online ACNet" in text  # the online ACB row of the ablation
+    assert "(2 s.e. = " in text  # two seeds each: the noise scale of the verdict
     from acnet.experiments import summary
 
     printed = summary(tmp_path)  # what `acnet reproduce` prints, from results.json

@@ -389,7 +389,7 @@ def test_short_schedule_comparison_and_ablation_on_it(tmp_path, monkeypatch):
         b, a = (r["deployed_test_acc"] * 100 for r in rows)
         section = text[text.index(head):]
         assert (f"| cifar_quick | {3 if head.startswith('## ') else 2} | 64 | {b:.2f} | "
-                f"{a:.2f} | {a - b:+.2f} ({a - b:+.2f}) | n/a" in section)
+                f"{a:.2f} | {a - b:+.2f} ({a - b:+.2f}) | n/a (one seed: no spread yet)" in section)
     # plateau: the short baseline, and what the main schedule added to it
     p = res["plateau"]["cifar_quick"]
     base, base_short = runs["cifar_quick-base-s0"], runs["cifar_quick-base-e2-s0"]

@@ -111,8 +111,9 @@ def main_table(res: dict[str, Any], models: tuple[str, ...], schedule: str = MAI
         if r["base"] and r["acnet"]:
             seeds = ", ".join(f"{d * 100:+.2f}" for d in r["paired"].values())
             seeds = f" ({seeds})" if seeds else ""  # no seed with both runs yet: none
-            tail = (f"{r['gain'] * 100:+.2f}{seeds} | {r['verdict']} "
-                    f"(2 s.e. = {2 * r['se'] * 100:.2f})")
+            noise = (f"2 s.e. = {2 * r['se'] * 100:.2f}" if min(len(r["base"]), len(r["acnet"])) > 1
+                     else "one seed: no spread yet")
+            tail = f"{r['gain'] * 100:+.2f}{seeds} | {r['verdict']} ({noise})"
         else:
             pending = pending_runs(res, model, (BASE, ACNET), schedule)
             if not pending and not r["epochs"]:
