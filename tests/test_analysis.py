@@ -208,10 +208,13 @@ def test_ablation_is_keyed_by_slug_and_seeds_can_be_replaced():
     runs = [r for r in runs_of(STUDY_PRESETS["cpu"], seeds=(21, 22)) if r.model == "cifar_quick"]
     assert {r.seed for r in runs} == {21, 22}
     assert "cifar_quick-online-e15-s21" in {r.name for r in runs}
-    assert len({r.label for r in runs if r.variant != "long"}) == len(ABLATION)
+    assert {r.variant for r in runs} == set(ABLATION)
+    for r in runs:  # the ablation's label; off the main schedule, with the epochs
+        assert r.label == ABLATION[r.variant].label + (
+            "" if r.schedule == "main" else f", {r.config['epochs']} epochs")
 
 
-def test_cpu_study_order_puts_complete_comparisons_first_then_ablation_then_plateau():
+def test_cpu_study_order_puts_complete_comparisons_first_then_ablation_then_long():
     from acnet.experiments import ACNET, BASE, LONG, MAIN, SHORT, STUDY_PRESETS, runs_of
     from acnet.experiments.presets import tier
 
@@ -231,16 +234,21 @@ def test_cpu_study_order_puts_complete_comparisons_first_then_ablation_then_plat
         assert r.config["epochs"] == e < cpu.per_model[r.model]["epochs"]
         assert r.name == f"{r.model}-{r.variant}-e{e}-s{r.seed}"
     # the ablation on the ablation model's short schedule (its base and ACNet are shared)
-    ablation = [r for r in runs[2 * n_main:] if r.variant != LONG]
+    ablation = [r for r in runs[2 * n_main:] if r.schedule != LONG]
     assert {r.model for r in ablation} == {cpu.ablation_model}
     assert all(r.schedule == cpu.ablation_schedule == SHORT for r in ablation)
     assert all(r.config["epochs"] == cpu.short[cpu.ablation_model] for r in ablation)
-    long = [r for r in runs if r.variant == LONG]
-    assert runs[-len(long):] == long and {r.model for r in long} == set(cpu.plateau)
-    for r in long:  # twice the model's schedule, a baseline, first seed
-        assert r.config["epochs"] == cpu.plateau[r.model] == 2 * cpu.per_model[r.model]["epochs"]
-        assert r.config["block"] == "base" and r.seed == cpu.seeds[0]
-        assert r.label == f"baseline, {cpu.plateau[r.model]} epochs"
+    # last, the converged comparison: baseline and ACNet on every seed on twice the main
+    # schedule, model by model
+    long = [r for r in runs if r.schedule == LONG]
+    assert runs[-len(long):] == long and cpu.plateau_comparison
+    assert [(r.model, r.seed, r.variant) for r in long] == [
+        (m, s, v) for m in cpu.models for s in cpu.seeds for v in (BASE, ACNET)]
+    for r in long:
+        e = cpu.plateau[r.model]
+        assert r.config["epochs"] == e == 2 * cpu.per_model[r.model]["epochs"]
+        assert r.config["block"] == ("base" if r.variant == BASE else "acb")
+        assert r.name == f"{r.model}-{r.variant}-e{e}-s{r.seed}"
     assert len({r.name for r in runs}) == len(runs)
     assert [tier(r) for r in runs] == sorted(tier(r) for r in runs)
     assert all("train_limit" not in r.config for r in runs)  # the full training set

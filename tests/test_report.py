@@ -88,7 +88,7 @@ def test_complete_study_report_plateau_int8_cost_and_figures(analyzed, study, mo
     # plateau: the numbers are the runs' metrics
     runs = res["runs"]
     base = [runs[f"cifar_quick-base-s{s}"]["deployed_test_acc"] for s in (0, 1)]
-    long = runs["cifar_quick-long-s0"]
+    long = runs["cifar_quick-base-e3-s0"]
     p = res["plateau"]["cifar_quick"]
     assert p["long"] == long["deployed_test_acc"] and p["long_epochs"] == 3 == long["epochs"]
     assert p["vs_mean"] == pytest.approx(long["deployed_test_acc"] - sum(base) / 2, abs=1e-12)
@@ -133,7 +133,7 @@ def test_complete_study_report_plateau_int8_cost_and_figures(analyzed, study, mo
 def test_partial_study_says_what_is_pending(study):
     out, _ = study
     gone = ["cifar_quick-acb-s0", "cifar_quick-acb-s1", "cifar_quick-corner-s0",
-            "cifar_quick-corner-s1", "cifar_quick-hor-s1", "cifar_quick-long-s0"]
+            "cifar_quick-corner-s1", "cifar_quick-hor-s1", "cifar_quick-base-e3-s0"]
     for name in gone:
         (out / "runs" / name / "metrics.json").unlink()
     text, res = _report(out)
@@ -145,7 +145,7 @@ def test_partial_study_says_what_is_pending(study):
     assert ("## Centre vs corner ACB (cifar_quick, 2 epochs)\n\npending: runs "
             "cifar_quick-acb-s0, cifar_quick-acb-s1, cifar_quick-corner-s0, "
             "cifar_quick-corner-s1\n") in text
-    assert "pending: runs cifar_quick-long-s0" in text
+    assert "pending: runs cifar_quick-base-e3-s0" in text
     assert set(res["kernel_magnitude"]) == {"base"} and res["cost"] == {}
     assert "(worst of 9 runs)" in text  # the deployment check without ACNet runs
     assert "## Training curves" in text and (out / "training_curves.png").exists()
@@ -241,7 +241,8 @@ def test_training_curves_one_panel_per_model_and_fixed_colours(tmp_path, monkeyp
     figs = []
     monkeypatch.setattr(plots, "_save", lambda plt, fig, path, title: figs.append(fig))
     band = {"epochs": [1, 2, 3], "mean": [0.5, 0.7, 0.75], "std": [0.01, 0.02, 0.01]}
-    panels = {"a": {"base": band, "acb": band, "long": band}, "b": {"base": band, "acb": band},
+    panels = {"a": {"base": band, "acb": band, "acb" + plots.LONG_TAG: band},
+              "b": {"base": band, "acb": band},
               "a: one branch": {"hor": band, "ver": band, "acb": band}}
     plots.training_curves(panels, tmp_path / "t.png", "x", {"base": "baseline"})
     axes = figs[0].axes
@@ -249,6 +250,8 @@ def test_training_curves_one_panel_per_model_and_fixed_colours(tmp_path, monkeyp
     colours = {ln.get_label(): ln.get_color() for ax in axes for ln in ax.get_lines()}
     assert colours["baseline"] == plots.VARIANT_COLOURS["base"]
     assert colours["hor"] == plots.VARIANT_COLOURS["hor"]
+    dashed = next(ln for ln in axes[0].get_lines() if ln.get_label() == "acb" + plots.LONG_TAG)
+    assert dashed.get_color() == plots.VARIANT_COLOURS["acb"] and dashed.get_linestyle() == "--"
     assert len(figs[0].legends) == 1  # one legend, outside the panels
     # a variant on the short schedule: its colour, dotted; the y range leaves out the first
     # fifth of a long schedule (epoch 2's dip) so the plateau shows
@@ -282,10 +285,11 @@ def test_real_training_step_benchmark_is_cached(trained, tmp_path, monkeypatch):
     assert json.loads((out / rep.COST_BENCH).read_text())["cifar_quick"]["repeats"] == 1
 
 
-def _row(variant: str, seed: int, acc: float, epochs: int, curve: list[float]) -> dict:
+def _row(variant: str, seed: int, acc: float, epochs: int, curve: list[float],
+         schedule: str = "main") -> dict:
     return {"model": "m", "variant": variant, "seed": seed, "deployed_test_acc": acc,
-            "epochs": epochs, "curve": [{"epoch": i + 1, "test_acc": a}
-                                        for i, a in enumerate(curve)]}
+            "epochs": epochs, "schedule": schedule,
+            "curve": [{"epoch": i + 1, "test_acc": a} for i, a in enumerate(curve)]}
 
 
 @pytest.mark.parametrize("long, late, words", [
@@ -299,7 +303,7 @@ def test_plateau_verdict_in_plain_words(long, late, words):
 
     runs = {f"b{s}": _row("base", s, a, 5, [0.8, 0.85, 0.88, a - late, a])
             for s, a in enumerate((0.899, 0.900, 0.901))}
-    runs["l"] = _row("long", 0, long, 10, [0.8] * 9 + [long])
+    runs["l"] = _row("base", 0, long, 10, [0.8] * 9 + [long], "long")
     p = plateau_check({"runs": runs}, "m")
     noise = 2 * 0.001 * (1 + 1 / 3) ** 0.5
     assert p["noise"] == pytest.approx(noise, rel=1e-9) and p["same_seed"] == 0.899
@@ -328,19 +332,19 @@ def test_longest_first_orders_pending_runs_by_measured_time(tmp_path):
     (part / "config.json").write_text("{}")
     (part / "metrics.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
     todo = [(by[n], by[n].config) for n in
-            ("cifar_quick-base-s1", "cifar_quick-acb-s1", "cifar_quick-long-s0",
+            ("cifar_quick-base-s1", "cifar_quick-acb-s1", "cifar_quick-base-e3-s0",
              "cifar_quick-hor-s0")]
     order = [s.name for s, _ in rep.longest_first(todo, runs, out)]
     # the study's priority first (main comparison, ablation, plateau check), then within it
     # the expected time: acb-s1 1 x 20 = 20 before base-s1 2 x 8 = 16
     assert order == ["cifar_quick-acb-s1", "cifar_quick-base-s1", "cifar_quick-hor-s0",
-                     "cifar_quick-long-s0"]
+                     "cifar_quick-base-e3-s0"]
     assert [presets.tier(by[n]) for n in order] == [0, 0, 1, 2]
     # nothing measured yet: the epochs alone decide, ties keep the preset's order
     fresh = tmp_path / "fresh"
     order = [s.name for s, _ in rep.longest_first(todo, runs, fresh)]
     assert order == ["cifar_quick-base-s1", "cifar_quick-acb-s1", "cifar_quick-hor-s0",
-                     "cifar_quick-long-s0"]
+                     "cifar_quick-base-e3-s0"]
     # within a tier the longest goes first, whatever the preset's order
     longer = [(by[n], {**by[n].config, "epochs": e}) for n, e in
               (("cifar_quick-base-s1", 2), ("cifar_quick-acb-s1", 5))]
@@ -353,7 +357,7 @@ HALF = presets.StudyPreset(
     "tiny-half", "synthetic", ("cifar_quick",), (0,), "cifar_quick",
     train={"epochs": 3, "train_limit": 64, "test_limit": 32, "batch_size": 32},
     short={"cifar_quick": 2}, ablation_schedule="short", plateau={"cifar_quick": 4},
-    ratios=(0.0, 1.0), draws=1, description="test")
+    plateau_comparison=True, int8=True, ratios=(0.0, 1.0), draws=1, description="test")
 
 
 def test_short_schedule_comparison_and_ablation_on_it(tmp_path, monkeypatch):
@@ -369,7 +373,7 @@ def test_short_schedule_comparison_and_ablation_on_it(tmp_path, monkeypatch):
         "cifar_quick-base-e2-s0": ("short", 2), "cifar_quick-acb-e2-s0": ("short", 2),
         **{f"cifar_quick-{v}-e2-s0": ("short", 2)
            for v in ("hor", "ver", "nobn", "online", "corner")},
-        "cifar_quick-long-s0": ("main", 4)}
+        "cifar_quick-base-e4-s0": ("long", 4), "cifar_quick-acb-e4-s0": ("long", 4)}
     # robustness only on the ablation's schedule; its ACNet row is the short ACNet run
     assert {n for n, r in runs.items() if "robustness" in r} == {
         n for n, r in runs.items() if r["schedule"] == "short"}
@@ -381,15 +385,23 @@ def test_short_schedule_comparison_and_ablation_on_it(tmp_path, monkeypatch):
     assert (f"## Centre vs corner ACB (cifar_quick, 2 epochs)\n\nACNet with the asymmetric "
             f"kernels on the centre row/column: {acb_short['deployed_test_acc'] * 100:.2f}"
             in text)
-    # main table on the main schedule, the short table on the short one
-    main, short = (runs[f"cifar_quick-{v}-s0"] for v in ("base", "acb")), \
-        (runs[f"cifar_quick-{v}-e2-s0"] for v in ("base", "acb"))
-    for rows, head in ((main, "## Main result"),
-                       (short, "### The same comparison on the short schedules")):
-        b, a = (r["deployed_test_acc"] * 100 for r in rows)
+    # main table on the main schedule, the long and short tables on theirs
+    for tag, epochs, head in (("", 3, "## Main result"),
+                              ("-e4", 4, "### The same comparison on the long schedules"),
+                              ("-e2", 2, "### The same comparison on the short schedules")):
+        b, a = (runs[f"cifar_quick-{v}{tag}-s0"]["deployed_test_acc"] * 100
+                for v in ("base", "acb"))
         section = text[text.index(head):]
-        assert (f"| cifar_quick | {3 if head.startswith('## ') else 2} | 64 | {b:.2f} | "
-                f"{a:.2f} | {a - b:+.2f} ({a - b:+.2f}) | n/a (one seed: no spread yet)" in section)
+        assert (f"| cifar_quick | {epochs} | 64 | {b:.2f} | {a:.2f} | {a - b:+.2f} "
+                f"({a - b:+.2f}) | n/a (one seed: no spread yet)" in section)
+    assert (f"**cifar_quick, 4 epochs: ACNet "
+            f"{runs['cifar_quick-acb-e4-s0']['deployed_test_acc'] * 100:.2f} vs baseline" in text)
+    # INT8 on every schedule; the summary prints the long and short tables
+    assert {(r["model"], r["schedule"], r["variant"]) for r in res["runs"].values()
+            if "int8" in r} >= {("cifar_quick", "long", v) for v in ("base", "acb")}
+    assert "| cifar_quick | ACNet | 4 | 1 |" in text
+    printed = rep.summary(tmp_path)
+    assert "Long schedules:" in printed and "Short schedules:" in printed
     # plateau: the short baseline, and what the main schedule added to it
     p = res["plateau"]["cifar_quick"]
     base, base_short = runs["cifar_quick-base-s0"], runs["cifar_quick-base-e2-s0"]
@@ -406,3 +418,56 @@ def test_short_schedule_comparison_and_ablation_on_it(tmp_path, monkeypatch):
     assert res["sparsity"]["ACNet"] == json.loads(
         (tmp_path / "runs" / "cifar_quick-acb-e2-s0" / "sparsity.json").read_text())
     assert (tmp_path / "kernel_magnitude.png").exists() and (tmp_path / "sparsity.png").exists()
+
+
+def test_plateau_with_every_seed_on_the_long_schedule():
+    """Several long baselines: their mean against the study's, noise = twice the standard
+    error of the difference of the two means, the per-seed differences."""
+    from acnet.experiments.report import _plateau_words
+
+    runs = {f"b{s}": _row("base", s, a, 5, [0.8, 0.85, 0.88, a, a])
+            for s, a in enumerate((0.899, 0.900, 0.901))}
+    runs |= {f"l{s}": _row("base", s, a, 10, [0.8] * 9 + [a], "long")
+             for s, a in enumerate((0.910, 0.912, 0.914))}
+    runs["a0"] = _row("acb", 0, 0.95, 10, [0.9] * 10, "long")  # not a baseline: not counted
+    p = plateau_check({"runs": runs}, "m")
+    assert p["long"] == pytest.approx(0.912) and p["long_runs"] == [0.910, 0.912, 0.914]
+    assert p["vs_mean"] == pytest.approx(0.012)
+    assert p["noise"] == pytest.approx(2 * (0.001 ** 2 / 3 + 0.002 ** 2 / 3) ** 0.5)
+    assert p["paired"] == pytest.approx({0: 0.011, 1: 0.012, 2: 0.013})
+    assert p["verdict"] == "outside seed noise"
+    text = _plateau_words("m", p)
+    assert ("10 instead of 5 epochs changes the 3-seed baseline mean by +1.20 points against "
+            "the 3-seed mean (same seed: seed 0 +1.10, seed 1 +1.20, seed 2 +1.30)") in text
+    assert "the 5-epoch schedule had NOT converged" in text
+
+
+def test_former_plateau_run_names_are_renamed_and_resumed(tmp_path):
+    """A study from before the long schedule: its plateau baseline ``m-long-s0`` becomes the
+    long schedule's ``m-base-e<epochs>-s0`` (not trained again); an existing new name wins."""
+    runs = presets.runs_of(HALF)
+    old = tmp_path / "runs" / "cifar_quick-long-s0"
+    old.mkdir(parents=True)
+    (old / "metrics.json").write_text("{}")
+    rep._rename_legacy(runs, tmp_path)
+    assert not old.exists()
+    assert (tmp_path / "runs" / "cifar_quick-base-e4-s0" / "metrics.json").is_file()
+    old.mkdir()
+    rep._rename_legacy(runs, tmp_path)
+    assert old.is_dir()  # the new name exists: nothing moved over it
+
+
+def test_long_schedules_are_trained_model_by_model(tmp_path):
+    """In the long tier a study spanning sessions finishes one model's comparison before the
+    next (the study's model order), even when a later model's runs are longer."""
+    two = presets.StudyPreset(
+        "two", "synthetic", ("cifar_quick", "resnet20"), (0, 1), "cifar_quick",
+        train={"epochs": 2}, plateau={"cifar_quick": 4, "resnet20": 8}, plateau_comparison=True,
+        ablation=False)
+    runs = presets.runs_of(two)
+    todo = [(s, s.config) for s in runs if s.schedule == "long"][::-1]
+    todo += [(s, s.config) for s in runs if s.schedule == "main"]
+    order = [s for s, _ in rep.longest_first(todo, runs, tmp_path)]
+    assert [(s.schedule, s.model) for s in order] == (
+        [("main", m) for m in ("cifar_quick",) * 4 + ("resnet20",) * 4]
+        + [("long", "cifar_quick")] * 4 + [("long", "resnet20")] * 4)

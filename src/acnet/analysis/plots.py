@@ -13,23 +13,26 @@ import torch
 
 from .kernels import PATTERNS
 
-__all__ = ["SHORT_TAG", "VARIANT_COLOURS", "VARIANT_STYLES", "heatmaps", "sparsity_curves",
-           "sparsity_panels", "training_curves"]
+__all__ = ["LONG_TAG", "SHORT_TAG", "VARIANT_COLOURS", "VARIANT_STYLES", "heatmaps",
+           "sparsity_curves", "sparsity_panels", "training_curves"]
 
 # one colour per variant slug, in every figure (colour-blind-safe Okabe-Ito palette + grey)
 VARIANT_COLOURS: dict[str, str] = {
     "base": "#000000", "acb": "#D55E00", "hor": "#56B4E9", "ver": "#009E73",
-    "nobn": "#CC79A7", "online": "#0072B2", "corner": "#E69F00", "long": "#777777"}
-VARIANT_STYLES: dict[str, str] = {"long": "--"}  # line style where not solid
+    "nobn": "#CC79A7", "online": "#0072B2", "corner": "#E69F00"}
 SHORT_TAG = "@short"  # a slug with this suffix: the variant on a shorter schedule, dotted
+LONG_TAG = "@long"  # a slug with this suffix: the variant on a longer schedule, dashed
+VARIANT_STYLES: dict[str, str] = {SHORT_TAG: ":", LONG_TAG: "--"}  # by suffix; else solid
 _OTHER = "#999999"
 
 
 def _style(slug: str) -> tuple[str, str]:
-    """Colour and line style of a variant slug (``slug@short``: its colour, dotted)."""
-    if slug.endswith(SHORT_TAG):
-        return VARIANT_COLOURS.get(slug[:-len(SHORT_TAG)], _OTHER), ":"
-    return VARIANT_COLOURS.get(slug, _OTHER), VARIANT_STYLES.get(slug, "-")
+    """Colour and line style of a variant slug (``slug@short``: its colour, dotted;
+    ``slug@long``: its colour, dashed)."""
+    for tag, style in VARIANT_STYLES.items():
+        if slug.endswith(tag):
+            return VARIANT_COLOURS.get(slug[:-len(tag)], _OTHER), style
+    return VARIANT_COLOURS.get(slug, _OTHER), "-"
 
 
 def _plt():

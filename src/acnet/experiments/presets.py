@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["ABLATION", "ACNET", "BASE", "CORNER", "LONG", "MAIN", "ONLINE", "RunSpec", "SHORT",
-           "STUDY_PRESETS", "StudyPreset", "Variant", "runs_of", "tier"]
+           "STUDY_PRESETS", "StudyPreset", "Variant", "legacy_name", "runs_of", "tier"]
 
 
 @dataclass
@@ -25,9 +25,11 @@ class StudyPreset:
     analysis_test_limit: int | None = None
     description: str = ""
     ablation: bool = True  # False: base and ACNet only (no ablation rows, no robustness)
-    # model -> epochs of one extra baseline run (first seed) with a longer schedule: shows
-    # whether the study's schedule had converged (the report compares the two)
+    # model -> epochs of the long schedule (LONG): one baseline (first seed) trained longer shows
+    # whether the study's schedule had converged (the report compares the two); with
+    # `plateau_comparison`, baseline and ACNet on every seed (the converged comparison)
     plateau: dict[str, int] = field(default_factory=dict)
+    plateau_comparison: bool = False
     # model -> epochs of a shorter schedule on which baseline and ACNet are also compared (all
     # seeds): how the gain and the baseline move with the schedule
     short: dict[str, int] = field(default_factory=dict)
@@ -62,15 +64,19 @@ STUDY_PRESETS: dict[str, StudyPreset] = {
                    "resnet20": {"epochs": 20}},
         short={"cifar_quick": 15, "vgg16_quarter": 10, "resnet20": 10},
         plateau={"cifar_quick": 60, "vgg16_quarter": 40, "resnet20": 40},
-        ablation_schedule="short", draws=3, analysis_test_limit=2000, int8=True,
+        plateau_comparison=True, ablation_schedule="short", draws=3, analysis_test_limit=2000,
+        int8=True,
         description="three of the paper's CIFAR architectures (Cifar-quick, VGG-16 at a "
                     "quarter of its width, ResNet-20) trained on the full Fashion-MNIST training "
                     "set (60,000 images) with the official recipe (SGD momentum 0.9, batch 128, "
                     "lr 0.1, weight decay 1e-4, cosine) on 20-30 epochs instead of 150-400, 3 "
-                    "seeds, and compared again on half those schedules; one baseline per model "
-                    "trained twice as long shows convergence; the ablation, robustness, kernel "
-                    "and sparsity studies on Cifar-quick's half schedule (15 epochs); INT8. "
-                    "About 17 hours on 2 CPU cores (`--jobs 2`), resumable"),
+                    "seeds, and compared again on half and on twice those schedules (the "
+                    "longest, 60/40/40 epochs, is the converged comparison: the baseline "
+                    "trained twice as long beat the 30/20/20-epoch one beyond seed noise); the "
+                    "ablation, robustness, kernel and sparsity studies on Cifar-quick's half "
+                    "schedule (15 epochs); INT8. About 35 hours on 2 CPU cores (`--jobs 2`), "
+                    "resumable: the study's priority trains the main comparison first, then the "
+                    "short schedules and ablation, then the long schedules model by model"),
     "paper-cifar10": StudyPreset(
         "paper-cifar10", "cifar10", ("cifar_quick", "vgg16", "resnet56", "wrn16_8",
                                      "densenet40"), (0, 1, 2), "resnet56",
@@ -96,8 +102,8 @@ class Variant:
 
 
 BASE, ACNET, CORNER, ONLINE = "base", "acb", "corner", "online"  # slugs the report compares
-LONG = "long"  # the plateau check: a baseline trained for longer (not an ablation row)
-MAIN, SHORT = "main", "short"  # schedules: the preset's epochs, and its shorter `short` ones
+# schedules: the preset's epochs, its shorter `short` ones, and its longer `plateau` ones
+MAIN, SHORT, LONG = "main", "short", "long"
 
 # slug -> variant: the paper's Table 4 rows, the online ACB (branch scales, no branch BN) and
 # the corner variant, in report order; the slug names the run directories
@@ -120,30 +126,26 @@ class RunSpec:
     name: str
     model: str
     seed: int
-    variant: str  # slug in ABLATION, or LONG
+    variant: str  # slug in ABLATION
     config: dict[str, Any]
-    schedule: str = MAIN  # MAIN or SHORT (LONG runs: MAIN)
+    schedule: str = MAIN  # MAIN, SHORT or LONG
 
     @property
     def label(self) -> str:
-        if self.variant == LONG:
-            return f"baseline, {self.config['epochs']} epochs"
-        return ABLATION[self.variant].label
+        if self.schedule == MAIN:
+            return ABLATION[self.variant].label
+        return f"{ABLATION[self.variant].label}, {self.config['epochs']} epochs"
 
 
 def _spec(preset: StudyPreset, model: str, seed: int, slug: str, schedule: str = MAIN
           ) -> RunSpec:
     """The run of ``model`` in variant ``slug`` with ``seed`` on ``schedule``; a run on the short
-    schedule has its epochs in its name (``resnet20-acb-e10-s0``)."""
+    or long schedule has its epochs in its name (``resnet20-acb-e10-s0``)."""
     cfg = {"model": model, "dataset": preset.dataset, "seed": seed, "quiet": True,
-           **preset.train, **preset.per_model.get(model, {})}
-    if slug == LONG:
-        cfg.update(ABLATION[BASE].options, epochs=preset.plateau[model])
-    else:
-        cfg.update(ABLATION[slug].options)
+           **preset.train, **preset.per_model.get(model, {}), **ABLATION[slug].options}
     tag = ""
-    if schedule == SHORT:
-        cfg["epochs"] = preset.short[model]
+    if schedule in (SHORT, LONG):
+        cfg["epochs"] = (preset.short if schedule == SHORT else preset.plateau)[model]
         tag = f"-e{cfg['epochs']}"
     return RunSpec(f"{model.replace(':', '_')}-{slug}{tag}-s{seed}", model, seed, slug, cfg,
                    schedule)
@@ -153,7 +155,8 @@ def runs_of(preset: StudyPreset, seeds: tuple[int, ...] | None = None) -> list[R
     """Every run of the preset (``seeds`` replaces the preset's), most important first, so a
     study stopped part-way has complete comparisons: each model's baseline and ACNet over
     all seeds, then the same on the short schedules, then the other ablation variants of the
-    ablation model, then the plateau checks (one longer baseline per model, first seed)."""
+    ablation model, then the long schedules model by model (baseline and ACNet on every seed
+    with `plateau_comparison`, else one baseline, first seed: the plateau check)."""
     seeds = seeds or preset.seeds
     specs = [_spec(preset, m, s, v) for m in preset.models for s in seeds for v in (BASE, ACNET)]
     specs += [_spec(preset, m, s, v, SHORT) for m in preset.models if m in preset.short
@@ -161,13 +164,25 @@ def runs_of(preset: StudyPreset, seeds: tuple[int, ...] | None = None) -> list[R
     if preset.ablation and preset.ablation_model in preset.models:
         specs += [_spec(preset, preset.ablation_model, s, v, preset.ablation_schedule)
                   for s in seeds for v in ABLATION if v not in (BASE, ACNET)]
-    specs += [_spec(preset, m, seeds[0], LONG) for m in preset.models if m in preset.plateau]
+    for m in (m for m in preset.models if m in preset.plateau):
+        if preset.plateau_comparison:
+            specs += [_spec(preset, m, s, v, LONG) for s in seeds for v in (BASE, ACNET)]
+        else:
+            specs.append(_spec(preset, m, seeds[0], BASE, LONG))
     return list({s.name: s for s in specs}.values())
+
+
+def legacy_name(spec: RunSpec) -> str | None:
+    """The name a long-schedule baseline had before the long schedule was one
+    (``resnet20-long-s0``), else None."""
+    if spec.schedule == LONG and spec.variant == BASE:
+        return f"{spec.model.replace(':', '_')}-long-s{spec.seed}"
+    return None
 
 
 def tier(spec: RunSpec) -> int:
     """The run's place in a study's priority (`runs_of`'s order): 0 the main comparison, 1 the
-    short schedules and the ablation, 2 the plateau check."""
-    if spec.variant == LONG:
+    short schedules and the ablation, 2 the long schedules."""
+    if spec.schedule == LONG:
         return 2
     return 0 if spec.schedule == MAIN and spec.variant in (BASE, ACNET) else 1

@@ -35,8 +35,8 @@ TRANSFORM_TITLES = {"none": "normal", "hflip": "horizontal flip", "vflip": "vert
                     "rot90": "rotate 90°"}
 # short names of the variants in figures and the compact tables
 LABELS = {BASE: "baseline", ACNET: "ACNet", "hor": "+horizontal only", "ver": "+vertical only",
-         "nobn": "no branch BN", ONLINE: "online ACNet", CORNER: "corner ACNet",
-         LONG: "baseline, longer schedule"}
+         "nobn": "no branch BN", ONLINE: "online ACNet", CORNER: "corner ACNet"}
+SCHEDULE_TAGS = {SHORT: plots.SHORT_TAG, LONG: plots.LONG_TAG}  # curve keys: slug + tag
 # the ablation model's extra panels of the training-curve figure (ACNet drawn in each)
 ABLATION_PANELS = {"one branch": ("hor", "ver", ACNET),
                    "other forms": ("nobn", ONLINE, CORNER, ACNET)}
@@ -45,8 +45,8 @@ ABLATION_PANELS = {"one branch": ("hor", "ver", ACNET),
 def _epochs(preset: StudyPreset, model: str, schedule: str = MAIN) -> Any:
     """The epochs of ``model``'s runs on ``schedule`` in the preset (else the model's
     default, as TrainConfig resolves it)."""
-    if schedule == SHORT:
-        return preset.short[model]
+    if schedule in (SHORT, LONG):
+        return (preset.short if schedule == SHORT else preset.plateau)[model]
     cfg = {**MODEL_DEFAULTS.get(model, {}), **preset.train, **preset.per_model.get(model, {})}
     return cfg.get("epochs", "default")
 
@@ -58,9 +58,9 @@ def _ablation_runs(preset: StudyPreset) -> str:
 
 
 def _curve_labels() -> dict[str, str]:
-    """Legend labels of the training-curve figure (variants and short-schedule lines)."""
-    return {**LABELS, **{s + plots.SHORT_TAG: f"{LABELS[s]}, short schedule"
-                         for s in (BASE, ACNET)}}
+    """Legend labels of the training-curve figure (variants, short- and long-schedule lines)."""
+    return {**LABELS, **{s + tag: f"{LABELS[s]}, {sch} schedule" for sch, tag in
+                         SCHEDULE_TAGS.items() for s in (BASE, ACNET)}}
 
 
 def _pm(xs: list[float], pct: bool = True) -> str:
@@ -123,12 +123,15 @@ def main_table(res: dict[str, Any], models: tuple[str, ...], schedule: str = MAI
     return lines
 
 
-def _headline(res: dict[str, Any], model: str) -> list[str]:
-    """One model's result in words: means, gain, verdict, and the per-seed paired differences."""
-    r = main_result(res, model)
+def _headline(res: dict[str, Any], model: str, schedule: str = MAIN) -> list[str]:
+    """One model's result in words: means, gain, verdict, and the per-seed paired differences
+    (on ``schedule``; other schedules than the main one name their epochs)."""
+    r = main_result(res, model, schedule)
+    name = model if schedule == MAIN or not r["epochs"] else f"{model}, {r['epochs']} epochs"
     if not (r["base"] and r["acnet"]):
-        return [f"**{model}**: {_pending(pending_runs(res, model, (BASE, ACNET), MAIN))}.", ""]
-    lines = [f"**{model}: ACNet {_pm(r['acnet'])} vs baseline {_pm(r['base'])} "
+        return [f"**{name}**: {_pending(pending_runs(res, model, (BASE, ACNET), schedule))}.",
+                ""]
+    lines = [f"**{name}: ACNet {_pm(r['acnet'])} vs baseline {_pm(r['base'])} "
              f"({len(r['acnet'])} and {len(r['base'])} seeds): {r['gain'] * 100:+.2f} points; "
              f"beyond seed noise: {r['verdict']}.**", ""]
     diffs = r["paired"]
@@ -151,6 +154,17 @@ def _main(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
               "\"Beyond seed noise\" means the difference exceeds twice the standard error of "
               "the difference of the two means; the per-seed gains are ACNet minus baseline "
               "with the same seed.", ""]
+    compared = tuple(m for m in preset.models if m in preset.plateau)
+    if preset.plateau_comparison and compared:
+        lines += ["### The same comparison on the long schedules", "",
+                  "Baseline and ACNet trained again with every seed on the long schedule (same "
+                  "recipe, cosine over more epochs): the comparison of better-trained models "
+                  "where the study's schedule had not converged (its baseline trained longer "
+                  "beat it beyond seed noise; next section, which also shows how much the long "
+                  "schedule's baseline still rose at its end).", ""]
+        for model in compared:
+            lines += _headline(res, model, LONG)
+        lines += [*main_table(res, compared, LONG), ""]
     if preset.short:
         lines += ["### The same comparison on the short schedules", "",
                   "Baseline and ACNet trained again with every seed on about half the epochs "
@@ -306,10 +320,14 @@ def _convergence(p: dict[str, Any]) -> str:
 
 def _plateau_words(model: str, p: dict[str, Any]) -> str:
     """The plateau check of one model in one plain sentence."""
-    same = "" if p["vs_same_seed"] is None else \
-        f" ({p['vs_same_seed'] * 100:+.2f} against the same seed)"
-    return (f"{model}: {p['long_epochs']} instead of {p['epochs']} epochs changes the baseline "
-            f"by {p['vs_mean'] * 100:+.2f} points against the {len(p['base'])}-seed mean{same}, "
+    paired = p.get("paired") or ({p["seed"]: p["vs_same_seed"]} if p.get("vs_same_seed")
+                                 is not None else {})
+    same = "" if not paired else " (same seed: " + ", ".join(
+        f"seed {k} {v * 100:+.2f}" for k, v in paired.items()) + ")"
+    n_long = len(p.get("long_runs", [p["long"]]))
+    long = "the baseline" if n_long == 1 else f"the {n_long}-seed baseline mean"
+    return (f"{model}: {p['long_epochs']} instead of {p['epochs']} epochs changes {long} by "
+            f"{p['vs_mean'] * 100:+.2f} points against the {len(p['base'])}-seed mean{same}, "
             f"{_convergence(p)}.")
 
 
@@ -328,27 +346,32 @@ def _plateau(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     """Section: has the schedule converged? Longer baseline vs the study's, and late rises."""
     plateau = res.get("plateau", {})
     pct = round(PLATEAU_FRACTION * 100)
+    who = "every seed" if preset.plateau_comparison else "first seed"
     lines = ["## Has the schedule converged?", "",
              f"The baseline on the short schedule and on the study's (mean over seeds), the "
              f"rise of its mean test accuracy over the last {pct} % of the epochs (training "
-             f"curves), and one baseline trained longer (first seed).", "",
+             f"curves), and the baseline on the long schedule ({who}).", "",
              "| model | baseline, short schedule (epochs) | baseline (epochs) | rise, last epochs "
-             "| seed baseline | longer baseline | longer − mean | rise, last epochs (longer) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| baseline, long schedule (epochs) | long − study's, mean (same seed) | rise, last "
+             "epochs (long) |", "|---|---|---|---|---|---|---|"]
     words = []
     for model in preset.models:
         p = plateau.get(model, {})
         if not p.get("base"):
             continue
         cells = [_short_cell(p), f"{_pm(p['base'])} ({p['epochs']})", _rise_cell(p["rise_base"])]
+        missing = pending_runs(res, model, (BASE,), LONG)
         if "long" in p:
-            same = "n/a" if p["same_seed"] is None else f"{p['same_seed'] * 100:.2f}"
-            cells += [f"seed {p['seed']}: {same}", f"{p['long'] * 100:.2f} ({p['long_epochs']})",
-                      f"{p['vs_mean'] * 100:+.2f}", _rise_cell(p["rise_long"])]
+            seeds = "" if len(p["long_runs"]) == 1 else f", {len(p['long_runs'])} seeds"
+            same = ", ".join(f"{v * 100:+.2f}" for v in p["paired"].values())
+            cells += [f"{_pm(p['long_runs'])} ({p['long_epochs']}{seeds})"
+                      + (f"; {_pending(missing)}" if missing else ""),
+                      f"{p['vs_mean'] * 100:+.2f}" + (f" ({same})" if same else ""),
+                      _rise_cell(p["rise_long"])]
             words.append(_plateau_words(model, p))
         else:
-            cells += ["–", _pending(pending_runs(res, model, (LONG,))) if model in
-                      preset.plateau else "not planned", "–", "–"]
+            cells += [_pending(missing) if model in preset.plateau else "not planned", "–",
+                      "–"]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     if len(lines) == 6:
         return lines[:4] + [_pending(pending_runs(res, variants=(BASE,), schedule=MAIN)), ""]
@@ -462,8 +485,8 @@ def _band(curves: list[list[dict[str, Any]]]) -> dict[str, Any] | None:
 
 
 def _curve_panels(preset: StudyPreset, res: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Figure panels: one per model (baseline and ACNet on the main and, dotted, the short
-    schedule, and the longer baseline), then the ablation model's variants in small groups."""
+    """Figure panels: one per model (baseline and ACNet on the main, dotted the short and
+    dashed the long schedule), then the ablation model's variants in small groups."""
     def lines(model: str, slugs: tuple[str, ...], schedule: str = MAIN, tag: str = ""
               ) -> dict[str, Any]:
         """The mean ± std band of each variant that has runs (keys: slug + tag)."""
@@ -476,8 +499,9 @@ def _curve_panels(preset: StudyPreset, res: dict[str, Any]) -> dict[str, dict[st
         return out
 
     panels = {model: {**lines(model, (BASE, ACNET)),
-                      **lines(model, (BASE, ACNET), SHORT, plots.SHORT_TAG),
-                      **lines(model, (LONG,))} for model in preset.models}
+                      **{k: v for sch, tag in SCHEDULE_TAGS.items()
+                         for k, v in lines(model, (BASE, ACNET), sch, tag).items()}}
+              for model in preset.models}
     if preset.ablation:
         sch = preset.ablation_schedule
         for title, slugs in ABLATION_PANELS.items():
@@ -494,9 +518,12 @@ def _curves(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
     if panels:
         plots.training_curves(panels, out / "training_curves.png",
                               "test accuracy per epoch (mean ± std over seeds)", _curve_labels())
-        short = (" and (dotted) on the short schedule" if preset.short else "")
-        lines += [f"One panel per model: baseline and ACNet on the study's schedule{short}, "
-                  f"and the baseline trained longer (dashed, first seed); the ablation variants "
+        short = " and (dotted) on the short schedule" if preset.short else ""
+        long = ("" if not preset.plateau else " and (dashed) on the long schedule" if
+                preset.plateau_comparison else ", and the baseline on the long schedule "
+                "(dashed, first seed)")
+        lines += [f"One panel per model: baseline and ACNet on the study's schedule{short}"
+                  f"{long}; the ablation variants "
                   f"({_ablation_runs(preset)}) in the last panels, with ACNet for reference. "
                   f"Same colour, same variant, in every figure.", "",
                   "![training curves](training_curves.png)", ""]

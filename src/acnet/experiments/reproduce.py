@@ -32,6 +32,7 @@ from .presets import (
     STUDY_PRESETS,
     RunSpec,
     StudyPreset,
+    legacy_name,
     runs_of,
     tier,
 )
@@ -73,6 +74,7 @@ def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     planned = runs = runs_of(preset, seeds)
+    _rename_legacy(runs, out)
     if train_runs:
         _train_all(runs, out, device, data_dir, jobs)
     else:
@@ -86,6 +88,19 @@ def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
         save_json(out / RESULTS, results)
         write_report(preset, out, results)
     return out / "report.md"
+
+
+def _rename_legacy(runs: list[RunSpec], out: Path) -> None:
+    """Move a study's run directories from their former names to today's (the plateau
+    baseline ``m-long-s0`` is now the long schedule's ``m-base-e<epochs>-s0``)."""
+    for spec in runs:
+        old = legacy_name(spec)
+        if old is None:
+            continue
+        src, dst = out / "runs" / old, out / "runs" / spec.name
+        if src.is_dir() and not dst.exists():
+            log.info("renaming run %s to %s", src, dst.name)
+            src.rename(dst)
 
 
 def _train_one(config: dict[str, Any], path: str, threads: int | None) -> str:
@@ -120,20 +135,22 @@ def _train_all(runs: list[RunSpec], out: Path, device: str, data_dir: str | None
 def longest_first(todo: list[tuple[RunSpec, dict[str, Any]]], runs: list[RunSpec], out: Path
                   ) -> list[tuple[RunSpec, dict[str, Any]]]:
     """The pending runs by the study's priority (`tier`: the main comparison, then the short
-    schedules and ablation, then the plateau check), and within each, longest expected training
-    first (stable), so that with several jobs the study does not end on one long run while the
-    other workers idle, and a study stopped part-way has its most important runs.
+    schedules and ablation, then the long schedules, model by model in the study's order, so
+    that a study spanning sessions completes one model's comparison before the next), and
+    within each, longest expected training first (stable), so that with several jobs the study
+    does not end on one long run while the other workers idle, and a study stopped part-way has
+    its most important runs.
 
     Expected time: the run's remaining epochs times the mean seconds per epoch of the study's
-    finished runs of the same model and variant (a longer baseline counts as the baseline), else
-    of the same model, else of all finished runs; with nothing finished, the epochs alone.
+    finished runs of the same model and variant, else of the same model, else of all finished
+    runs; with nothing finished, the epochs alone.
     """
     per_epoch: dict[tuple[str, str], list[float]] = {}
     for spec in runs:
         m = _run(out, spec).read_metrics()
         if m and m.get("seconds") and m.get("epochs"):
-            v = BASE if spec.variant == LONG else spec.variant
-            per_epoch.setdefault((spec.model, v), []).append(m["seconds"] / m["epochs"])
+            per_epoch.setdefault((spec.model, spec.variant), []).append(m["seconds"] / m["epochs"])
+    rank = {m: i for i, m in enumerate(dict.fromkeys(s.model for s in runs))}
 
     def mean(xs: list[float]) -> float | None:
         return sum(xs) / len(xs) if xs else None
@@ -142,14 +159,17 @@ def longest_first(todo: list[tuple[RunSpec, dict[str, Any]]], runs: list[RunSpec
 
     def expected(item: tuple[RunSpec, dict[str, Any]]) -> float:
         spec, config = item
-        v = BASE if spec.variant == LONG else spec.variant
-        rate = (mean(per_epoch.get((spec.model, v), []))
+        rate = (mean(per_epoch.get((spec.model, spec.variant), []))
                 or mean([x for (mod, _), xs in per_epoch.items() if mod == spec.model for x in xs])
                 or everything)
         done = len(_run(out, spec).metrics_lines())
         return max(int(config.get("epochs", 1)) - done, 0) * rate
 
-    return sorted(todo, key=lambda item: (tier(item[0]), -expected(item)))
+    def key(item: tuple[RunSpec, dict[str, Any]]) -> tuple[int, int, float]:
+        t = tier(item[0])
+        return t, rank.get(item[0].model, 0) if item[0].schedule == LONG else 0, -expected(item)
+
+    return sorted(todo, key=key)
 
 
 def _train_parallel(todo: list[tuple[RunSpec, dict[str, Any]]], out: Path, jobs: int) -> None:
@@ -340,18 +360,19 @@ def analyze_runs(preset: StudyPreset, out: Path, runs: list[RunSpec],
 
 
 def summary(study_dir: str | Path) -> str:
-    """The progress, main table (and the short schedules' one, where the study has them) and
-    deployment check of a study, as text."""
+    """The progress, main table (and the short and long schedules' ones, where the study has
+    them) and deployment check of a study, as text."""
     res = json.loads((Path(study_dir) / RESULTS).read_text())
     preset = STUDY_PRESETS.get(res["preset"])
     models = preset.models if preset else tuple(dict.fromkeys(
         r["model"] for r in res["runs"].values()))
-    on_short = {r["model"] for r in [*res["runs"].values(), *res.get("pending", [])]
-                if schedule_of(r) == SHORT}
-    short = tuple(m for m in models if m in on_short)
     lines = [*progress_lines(res), "## Main result", "", *main_table(res, models), ""]
-    if short:
-        lines += ["Short schedules:", "", *main_table(res, short, SHORT), ""]
+    for schedule, title in ((LONG, "Long schedules"), (SHORT, "Short schedules")):
+        on = {r["model"] for r in [*res["runs"].values(), *res.get("pending", [])]
+              if schedule_of(r) == schedule and r["variant"] == ACNET}
+        if any(m in on for m in models):
+            lines += [f"{title}:", "", *main_table(res, tuple(m for m in models if m in on),
+                                                   schedule), ""]
     lines += ["Deployment check (every run: trained model vs its deployed, BN-folded form on the "
               "test set):", *deployment_lines(res, "  ")]
     return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""What a study's results say: means over seeds, the main comparison, the deployment check,
-the plateau check, INT8 rows and which runs are still pending."""
+"""What a study's results say: means over seeds, the main comparison (per schedule), the
+deployment check, the plateau check, INT8 rows and which runs are still pending."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def schedule_of(run: dict[str, Any]) -> str:
-    """A run's schedule (MAIN or SHORT; results written before schedules existed: MAIN)."""
+    """A run's schedule (MAIN, SHORT or LONG; results written before schedules existed: MAIN)."""
     return run.get("schedule", MAIN)
 
 
@@ -128,8 +128,10 @@ def curve_rise(curves: list[list[dict[str, Any]]], fraction: float = PLATEAU_FRA
 
 
 def plateau_check(res: dict[str, Any], model: str) -> dict[str, Any]:
-    """The study's baseline vs the longer one (noise: 2 s √(1 + 1/n)), their late rises, and
-    the baseline on the short schedule (where the study has one)."""
+    """The study's baseline vs the one on the long schedule, their late rises, and the baseline
+    on the short schedule (where the study has one). Noise: with one long run, 2 s √(1 + 1/n)
+    (s, n: the study's baselines); with several, twice the standard error of the difference of
+    the two means."""
     base = _rows(res, model, BASE)
     short = _rows(res, model, BASE, SHORT)
     out: dict[str, Any] = {"base": [r["deployed_test_acc"] for r in base],
@@ -137,20 +139,27 @@ def plateau_check(res: dict[str, Any], model: str) -> dict[str, Any]:
                            "rise_base": curve_rise([r["curve"] for r in base]),
                            "short": [r["deployed_test_acc"] for r in short],
                            "short_epochs": short[0]["epochs"] if short else None}
-    long = _rows(res, model, LONG)
+    long = _rows(res, model, BASE, LONG)
     if not long:
         return out
-    lr = long[0]
-    same = next((r["deployed_test_acc"] for r in base if r["seed"] == lr["seed"]), None)
-    m, s = mean_std(out["base"])
-    noise = 2 * s * math.sqrt(1 + 1 / len(base)) if len(base) > 1 else None
-    delta = lr["deployed_test_acc"] - m if base else None
+    accs = [r["deployed_test_acc"] for r in long]
+    (m, s), (ml, sl) = mean_std(out["base"]), mean_std(accs)
+    if len(long) > 1:
+        noise = 2 * math.sqrt(s ** 2 / len(base) + sl ** 2 / len(long)) if len(base) > 1 \
+            else None
+    else:
+        noise = 2 * s * math.sqrt(1 + 1 / len(base)) if len(base) > 1 else None
+    delta = ml - m if base else None
     verdict = "n/a" if noise is None else (
         "outside seed noise" if abs(delta) > noise else "within seed noise")
-    out.update(long=lr["deployed_test_acc"], long_epochs=lr["epochs"], seed=lr["seed"],
-               same_seed=same, vs_mean=delta, noise=noise, verdict=verdict,
-               vs_same_seed=None if same is None else lr["deployed_test_acc"] - same,
-               rise_long=curve_rise([lr["curve"]]))
+    by_seed = {r["seed"]: r["deployed_test_acc"] for r in base}
+    paired = {r["seed"]: r["deployed_test_acc"] - by_seed[r["seed"]] for r in long
+              if r["seed"] in by_seed}
+    out.update(long=ml, long_runs=accs, long_epochs=long[0]["epochs"], seed=long[0]["seed"],
+               seeds=[r["seed"] for r in long], same_seed=by_seed.get(long[0]["seed"]),
+               vs_mean=delta, noise=noise, verdict=verdict, paired=paired,
+               vs_same_seed=paired.get(long[0]["seed"]),
+               rise_long=curve_rise([r["curve"] for r in long]))
     return out
 
 
@@ -159,7 +168,7 @@ def int8_rows(res: dict[str, Any], variants: tuple[str, ...]) -> list[dict[str, 
     seed."""
     rows = []
     for model in dict.fromkeys(r["model"] for r in res["runs"].values()):
-        for schedule, v in ((sch, v) for sch in (MAIN, SHORT) for v in variants):
+        for schedule, v in ((sch, v) for sch in (MAIN, SHORT, LONG) for v in variants):
             found = [r for r in _rows(res, model, v, schedule) if r.get("int8")]
             runs = [r["int8"] for r in found]
             if runs:
