@@ -100,6 +100,10 @@ def test_complete_study_report_plateau_int8_cost_and_figures(analyzed, study, mo
     assert (p["rise_long"]["from_epoch"], p["rise_long"]["to_epoch"]) == (2, 3)
     assert "## Has the schedule converged?" in text
     assert f"{p['vs_mean'] * 100:+.2f} points against the 2-seed mean" in text
+    # one long baseline (no plateau_comparison): said so, no long comparison section
+    assert "and the baseline on the long schedule (first seed)." in text
+    assert "and the baseline on the long schedule (dashed, first seed)" in text
+    assert "on the long schedules" not in text
     assert p["verdict"] in text
     # INT8: base, ACNet and online runs, cached in export.json, no ONNX file left behind
     assert "## INT8 deployment" in text
@@ -442,19 +446,60 @@ def test_plateau_with_every_seed_on_the_long_schedule():
     assert "the 5-epoch schedule had NOT converged" in text
 
 
-def test_former_plateau_run_names_are_renamed_and_resumed(tmp_path):
+def test_former_plateau_run_names_are_renamed_and_reported(study):
     """A study from before the long schedule: its plateau baseline ``m-long-s0`` becomes the
-    long schedule's ``m-base-e<epochs>-s0`` (not trained again); an existing new name wins."""
-    runs = presets.runs_of(HALF)
+    long schedule's ``m-base-e<epochs>-s0``, and is reported, not trained again."""
+    out, _ = study
+    new = out / "runs" / "cifar_quick-base-e3-s0"
+    old = new.rename(out / "runs" / "cifar_quick-long-s0")
+    text, res = _report(out)
+    assert new.is_dir() and not old.exists()
+    assert "pending" not in text and res["plateau"]["cifar_quick"]["long_epochs"] == 3
+
+
+def test_former_plateau_run_with_other_settings_stays(tmp_path, caplog):
+    """A former plateau run whose settings differ from today's long schedule (other epochs), or
+    without a config, is not renamed; an existing new name is never overwritten."""
+    from acnet.train import RunDir, TrainConfig
+    from acnet.train.config import resolve
+
+    spec = next(s for s in presets.runs_of(HALF) if s.name == "cifar_quick-base-e4-s0")
     old = tmp_path / "runs" / "cifar_quick-long-s0"
-    old.mkdir(parents=True)
-    (old / "metrics.json").write_text("{}")
-    rep._rename_legacy(runs, tmp_path)
-    assert not old.exists()
-    assert (tmp_path / "runs" / "cifar_quick-base-e4-s0" / "metrics.json").is_file()
-    old.mkdir()
-    rep._rename_legacy(runs, tmp_path)
+    RunDir(old).write_config(resolve(TrainConfig(**{**spec.config, "epochs": 6})))
+    rep._rename_legacy([spec], tmp_path)
+    assert old.is_dir() and not (tmp_path / "runs" / spec.name).exists()
+    assert "other settings (epochs: 6, now 4)" in caplog.text
+    (old / "config.json").unlink()
+    rep._rename_legacy([spec], tmp_path)
+    assert old.is_dir() and not (tmp_path / "runs" / spec.name).exists()
+    RunDir(old).write_config(resolve(TrainConfig(**spec.config)))
+    (tmp_path / "runs" / spec.name).mkdir()
+    rep._rename_legacy([spec], tmp_path)
     assert old.is_dir()  # the new name exists: nothing moved over it
+    (tmp_path / "runs" / spec.name).rmdir()
+    rep._rename_legacy([spec], tmp_path)
+    assert not old.exists() and (tmp_path / "runs" / spec.name / "config.json").is_file()
+
+
+def test_two_schedules_of_the_same_epochs_are_refused():
+    same = presets.StudyPreset("same", "synthetic", ("cifar_quick",), (0,), "cifar_quick",
+                               train={"epochs": 3}, short={"cifar_quick": 2},
+                               plateau={"cifar_quick": 2}, ablation=False)
+    with pytest.raises(ValueError, match="share the directory 'cifar_quick-base-e2-s0'"):
+        presets.runs_of(same)
+
+
+def test_a_comparison_with_runs_missing_says_so():
+    """Both variants have runs but not every seed: the table and the headline name the
+    pending runs next to the partial result."""
+    from acnet.experiments.report import _headline, main_table
+
+    runs = {f"m-{v}-s{s}": {**_row(v, s, 0.9 + 0.01 * s, 5, [0.9]), "train_images": 64}
+            for v, s in (("base", 0), ("base", 1), ("acb", 0))}
+    res = {"runs": runs, "pending": [{"name": "m-acb-s1", "model": "m", "variant": "acb",
+                                      "seed": 1, "schedule": "main"}]}
+    assert main_table(res, ("m",))[-1].endswith("; pending: runs m-acb-s1 |")
+    assert "Not complete yet: pending: runs m-acb-s1." in _headline(res, "m")
 
 
 def test_long_schedules_are_trained_model_by_model(tmp_path):
@@ -471,3 +516,5 @@ def test_long_schedules_are_trained_model_by_model(tmp_path):
     assert [(s.schedule, s.model) for s in order] == (
         [("main", m) for m in ("cifar_quick",) * 4 + ("resnet20",) * 4]
         + [("long", "cifar_quick")] * 4 + [("long", "resnet20")] * 4)
+    # and seed by seed: a stopped study has paired seeds, not all ACNet runs and one baseline
+    assert [s.seed for s in order if s.schedule == "long"] == [0, 0, 1, 1] * 2

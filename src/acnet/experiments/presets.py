@@ -27,7 +27,8 @@ class StudyPreset:
     ablation: bool = True  # False: base and ACNet only (no ablation rows, no robustness)
     # model -> epochs of the long schedule (LONG): one baseline (first seed) trained longer shows
     # whether the study's schedule had converged (the report compares the two); with
-    # `plateau_comparison`, baseline and ACNet on every seed (the converged comparison)
+    # `plateau_comparison`, baseline and ACNet on every seed (the longer, better-trained
+    # comparison)
     plateau: dict[str, int] = field(default_factory=dict)
     plateau_comparison: bool = False
     # model -> epochs of a shorter schedule on which baseline and ACNet are also compared (all
@@ -70,9 +71,9 @@ STUDY_PRESETS: dict[str, StudyPreset] = {
                     "quarter of its width, ResNet-20) trained on the full Fashion-MNIST training "
                     "set (60,000 images) with the official recipe (SGD momentum 0.9, batch 128, "
                     "lr 0.1, weight decay 1e-4, cosine) on 20-30 epochs instead of 150-400, 3 "
-                    "seeds, and compared again on half and on twice those schedules (the "
-                    "longest, 60/40/40 epochs, is the converged comparison: the baseline "
-                    "trained twice as long beat the 30/20/20-epoch one beyond seed noise); the "
+                    "seeds, and compared again on half and on twice those schedules (60/40/40 "
+                    "epochs: the better-trained comparison, since the baseline trained twice "
+                    "as long beat the 30/20/20-epoch one beyond seed noise); the "
                     "ablation, robustness, kernel and sparsity studies on Cifar-quick's half "
                     "schedule (15 epochs); INT8. About 35 hours on 2 CPU cores (`--jobs 2`), "
                     "resumable: the study's priority trains the main comparison first, then the "
@@ -169,7 +170,15 @@ def runs_of(preset: StudyPreset, seeds: tuple[int, ...] | None = None) -> list[R
             specs += [_spec(preset, m, s, v, LONG) for s in seeds for v in (BASE, ACNET)]
         else:
             specs.append(_spec(preset, m, seeds[0], BASE, LONG))
-    return list({s.name: s for s in specs}.values())
+    unique: dict[str, RunSpec] = {}
+    for s in specs:  # the ablation's base and ACNet are the same runs as the comparison's
+        seen = unique.setdefault(s.name, s)
+        if (seen.schedule, seen.config) != (s.schedule, s.config):
+            raise ValueError(f"preset {preset.name!r}: two different runs would share the "
+                             f"directory {s.name!r} (a {seen.schedule} and a {s.schedule} "
+                             f"schedule of the same epochs); give the schedules different "
+                             f"epochs")
+    return list(unique.values())
 
 
 def legacy_name(spec: RunSpec) -> str | None:

@@ -108,14 +108,16 @@ def main_table(res: dict[str, Any], models: tuple[str, ...], schedule: str = MAI
     for model in models:
         r = main_result(res, model, schedule)
         size = f"{r['epochs']} | {r['train_images']}" if r["epochs"] else "– | –"
+        pending = pending_runs(res, model, (BASE, ACNET), schedule)
         if r["base"] and r["acnet"]:
             seeds = ", ".join(f"{d * 100:+.2f}" for d in r["paired"].values())
             seeds = f" ({seeds})" if seeds else ""  # no seed with both runs yet: none
             noise = (f"2 s.e. = {2 * r['se'] * 100:.2f}" if min(len(r["base"]), len(r["acnet"])) > 1
                      else "one seed: no spread yet")
             tail = f"{r['gain'] * 100:+.2f}{seeds} | {r['verdict']} ({noise})"
+            if pending:
+                tail += f"; {_pending(pending)}"
         else:
-            pending = pending_runs(res, model, (BASE, ACNET), schedule)
             if not pending and not r["epochs"]:
                 continue  # no such schedule for this model
             tail = f"– | {_pending(pending)}"
@@ -123,14 +125,17 @@ def main_table(res: dict[str, Any], models: tuple[str, ...], schedule: str = MAI
     return lines
 
 
-def _headline(res: dict[str, Any], model: str, schedule: str = MAIN) -> list[str]:
-    """One model's result in words: means, gain, verdict, and the per-seed paired differences
-    (on ``schedule``; other schedules than the main one name their epochs)."""
+def _headline(res: dict[str, Any], model: str, schedule: str = MAIN, epochs: Any = None
+              ) -> list[str]:
+    """One model's result in words: means, gain, verdict, the per-seed paired differences and
+    the runs still pending (on ``schedule``; other schedules than the main one name their
+    ``epochs``)."""
     r = main_result(res, model, schedule)
-    name = model if schedule == MAIN or not r["epochs"] else f"{model}, {r['epochs']} epochs"
+    epochs = r["epochs"] or epochs
+    name = model if schedule == MAIN or not epochs else f"{model}, {epochs} epochs"
+    pending = pending_runs(res, model, (BASE, ACNET), schedule)
     if not (r["base"] and r["acnet"]):
-        return [f"**{name}**: {_pending(pending_runs(res, model, (BASE, ACNET), schedule))}.",
-                ""]
+        return [f"**{name}**: {_pending(pending)}.", ""]
     lines = [f"**{name}: ACNet {_pm(r['acnet'])} vs baseline {_pm(r['base'])} "
              f"({len(r['acnet'])} and {len(r['base'])} seeds): {r['gain'] * 100:+.2f} points; "
              f"beyond seed noise: {r['verdict']}.**", ""]
@@ -142,6 +147,8 @@ def _headline(res: dict[str, Any], model: str, schedule: str = MAIN) -> list[str
             f"seed {s} {d * 100:+.2f}" for s, d in diffs.items())
             + f" (mean {m * 100:+.2f}" + (f" ± {sd * 100:.2f}" if len(diffs) > 1 else "")
             + f"; ACNet ahead on {wins} of {len(diffs)} seeds).", ""]
+    if pending:
+        lines += [f"Not complete yet: {_pending(pending)}.", ""]
     return lines
 
 
@@ -158,12 +165,11 @@ def _main(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     if preset.plateau_comparison and compared:
         lines += ["### The same comparison on the long schedules", "",
                   "Baseline and ACNet trained again with every seed on the long schedule (same "
-                  "recipe, cosine over more epochs): the comparison of better-trained models "
-                  "where the study's schedule had not converged (its baseline trained longer "
-                  "beat it beyond seed noise; next section, which also shows how much the long "
-                  "schedule's baseline still rose at its end).", ""]
+                  "recipe, cosine over more epochs): how the gain moves when both are trained "
+                  "longer. Whether the study's schedule, and the long one, had converged: "
+                  "section \"Has the schedule converged?\" below.", ""]
         for model in compared:
-            lines += _headline(res, model, LONG)
+            lines += _headline(res, model, LONG, _epochs(preset, model, LONG))
         lines += [*main_table(res, compared, LONG), ""]
     if preset.short:
         lines += ["### The same comparison on the short schedules", "",

@@ -21,6 +21,7 @@ from ..convert import deploy
 from ..io import save_json
 from ..runs import load_deployed_model, run_test_split
 from ..train import RunDir, TrainConfig, build_base_model, train
+from ..train.config import resolve, settings_diff
 from .presets import (
     ABLATION,
     ACNET,
@@ -92,15 +93,25 @@ def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
 
 def _rename_legacy(runs: list[RunSpec], out: Path) -> None:
     """Move a study's run directories from their former names to today's (the plateau
-    baseline ``m-long-s0`` is now the long schedule's ``m-base-e<epochs>-s0``)."""
+    baseline ``m-long-s0`` is now the long schedule's ``m-base-e<epochs>-s0``), where the run
+    has the settings of today's (else it stays, with a warning)."""
     for spec in runs:
         old = legacy_name(spec)
         if old is None:
             continue
         src, dst = out / "runs" / old, out / "runs" / spec.name
-        if src.is_dir() and not dst.exists():
-            log.info("renaming run %s to %s", src, dst.name)
-            src.rename(dst)
+        if not src.is_dir() or dst.exists():
+            continue
+        try:
+            diff = settings_diff(resolve(TrainConfig(**spec.config)), RunDir(src).read_config())
+        except (FileNotFoundError, ValueError) as exc:  # no or no valid config.json
+            diff = {"config.json": ("readable", str(exc))}
+        if diff:
+            log.warning("not renaming %s to %s: other settings (%s)", src, dst.name,
+                        ", ".join(f"{k}: {b!r}, now {a!r}" for k, (a, b) in diff.items()))
+            continue
+        log.info("renaming run %s to %s", src, dst.name)
+        src.rename(dst)
 
 
 def _train_one(config: dict[str, Any], path: str, threads: int | None) -> str:
@@ -135,11 +146,11 @@ def _train_all(runs: list[RunSpec], out: Path, device: str, data_dir: str | None
 def longest_first(todo: list[tuple[RunSpec, dict[str, Any]]], runs: list[RunSpec], out: Path
                   ) -> list[tuple[RunSpec, dict[str, Any]]]:
     """The pending runs by the study's priority (`tier`: the main comparison, then the short
-    schedules and ablation, then the long schedules, model by model in the study's order, so
-    that a study spanning sessions completes one model's comparison before the next), and
-    within each, longest expected training first (stable), so that with several jobs the study
-    does not end on one long run while the other workers idle, and a study stopped part-way has
-    its most important runs.
+    schedules and ablation, then the long schedules, model by model in the study's order and
+    seed by seed, so that a study spanning sessions completes one model's comparison, paired by
+    seed, before the next), and within each, longest expected training first (stable), so that
+    with several jobs the study does not end on one long run while the other workers idle, and
+    a study stopped part-way has its most important runs.
 
     Expected time: the run's remaining epochs times the mean seconds per epoch of the study's
     finished runs of the same model and variant, else of the same model, else of all finished
@@ -165,9 +176,11 @@ def longest_first(todo: list[tuple[RunSpec, dict[str, Any]]], runs: list[RunSpec
         done = len(_run(out, spec).metrics_lines())
         return max(int(config.get("epochs", 1)) - done, 0) * rate
 
-    def key(item: tuple[RunSpec, dict[str, Any]]) -> tuple[int, int, float]:
-        t = tier(item[0])
-        return t, rank.get(item[0].model, 0) if item[0].schedule == LONG else 0, -expected(item)
+    def key(item: tuple[RunSpec, dict[str, Any]]) -> tuple[int, int, int, float]:
+        spec = item[0]
+        if spec.schedule == LONG:
+            return tier(spec), rank.get(spec.model, 0), spec.seed, -expected(item)
+        return tier(spec), 0, 0, -expected(item)
 
     return sorted(todo, key=key)
 
