@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["ABLATION", "ACNET", "BASE", "CORNER", "LONG", "MAIN", "ONLINE", "RunSpec", "SHORT",
-           "STUDY_PRESETS", "StudyPreset", "Variant", "legacy_name", "runs_of", "tier"]
+           "STUDY_PRESETS", "StudyPreset", "Variant", "legacy_name", "runs_of", "schedule_epochs",
+           "tier"]
 
 
 @dataclass
@@ -138,6 +139,11 @@ class RunSpec:
         return f"{ABLATION[self.variant].label}, {self.config['epochs']} epochs"
 
 
+def schedule_epochs(preset: StudyPreset, schedule: str) -> dict[str, int]:
+    """model -> epochs of the preset's SHORT or LONG schedule (MAIN: the models' own)."""
+    return {SHORT: preset.short, LONG: preset.plateau}[schedule]
+
+
 def _spec(preset: StudyPreset, model: str, seed: int, slug: str, schedule: str = MAIN
           ) -> RunSpec:
     """The run of ``model`` in variant ``slug`` with ``seed`` on ``schedule``; a run on the short
@@ -146,7 +152,7 @@ def _spec(preset: StudyPreset, model: str, seed: int, slug: str, schedule: str =
            **preset.train, **preset.per_model.get(model, {}), **ABLATION[slug].options}
     tag = ""
     if schedule in (SHORT, LONG):
-        cfg["epochs"] = (preset.short if schedule == SHORT else preset.plateau)[model]
+        cfg["epochs"] = schedule_epochs(preset, schedule)[model]
         tag = f"-e{cfg['epochs']}"
     return RunSpec(f"{model.replace(':', '_')}-{slug}{tag}-s{seed}", model, seed, slug, cfg,
                    schedule)

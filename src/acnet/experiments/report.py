@@ -16,7 +16,18 @@ from ..analysis import plots
 from ..analysis.kernels import pattern_mask
 from ..data.loader import TRANSFORMS
 from ..train.config import MODEL_DEFAULTS
-from .presets import ABLATION, ACNET, BASE, CORNER, LONG, MAIN, ONLINE, SHORT, StudyPreset
+from .presets import (
+    ABLATION,
+    ACNET,
+    BASE,
+    CORNER,
+    LONG,
+    MAIN,
+    ONLINE,
+    SHORT,
+    StudyPreset,
+    schedule_epochs,
+)
 from .results import (
     PLATEAU_FRACTION,
     STUDY_GROUPS,
@@ -46,7 +57,7 @@ def _epochs(preset: StudyPreset, model: str, schedule: str = MAIN) -> Any:
     """The epochs of ``model``'s runs on ``schedule`` in the preset (else the model's
     default, as TrainConfig resolves it)."""
     if schedule in (SHORT, LONG):
-        return (preset.short if schedule == SHORT else preset.plateau)[model]
+        return schedule_epochs(preset, schedule)[model]
     cfg = {**MODEL_DEFAULTS.get(model, {}), **preset.train, **preset.per_model.get(model, {})}
     return cfg.get("epochs", "default")
 
@@ -326,11 +337,9 @@ def _convergence(p: dict[str, Any]) -> str:
 
 def _plateau_words(model: str, p: dict[str, Any]) -> str:
     """The plateau check of one model in one plain sentence."""
-    paired = p.get("paired") or ({p["seed"]: p["vs_same_seed"]} if p.get("vs_same_seed")
-                                 is not None else {})
-    same = "" if not paired else " (same seed: " + ", ".join(
-        f"seed {k} {v * 100:+.2f}" for k, v in paired.items()) + ")"
-    n_long = len(p.get("long_runs", [p["long"]]))
+    same = "" if not p["paired"] else " (same seed: " + ", ".join(
+        f"seed {k} {v * 100:+.2f}" for k, v in p["paired"].items()) + ")"
+    n_long = len(p["long_runs"])
     long = "the baseline" if n_long == 1 else f"the {n_long}-seed baseline mean"
     return (f"{model}: {p['long_epochs']} instead of {p['epochs']} epochs changes {long} by "
             f"{p['vs_mean'] * 100:+.2f} points against the {len(p['base'])}-seed mean{same}, "
