@@ -22,6 +22,7 @@ VARIANT_COLOURS: dict[str, str] = {
     "nobn": "#CC79A7", "online": "#0072B2", "corner": "#E69F00"}
 SHORT_TAG = "@short"  # a slug with this suffix: the variant on a shorter schedule, dotted
 LONG_TAG = "@long"  # a slug with this suffix: the variant on a longer schedule, dashed
+ZOOM_QUANTILE = 0.05  # share of band edges a zoomed panel may leave off at each end
 VARIANT_STYLES: dict[str, str] = {SHORT_TAG: ":", LONG_TAG: "--"}  # by suffix; else solid
 _OTHER = "#999999"
 
@@ -125,19 +126,27 @@ def training_curves(panels: dict[str, dict[str, dict[str, Any]]], path: str | Pa
 
 
 def _zoom(ax, curves) -> None:
-    """On long schedules, a y range without the first fifth of the epochs (at least the first
-    epoch), whose swings would hide the plateau."""
+    """On long schedules, a y range for the plateau: without the first fifth of the epochs (at
+    least the first epoch), from the 5th percentile of the remaining lower band edges to the
+    95th of the upper ones (at least to the highest mean, at most 100 %), so that one seed
+    diverging for an epoch runs off the panel instead of flattening every curve."""
     curves = list(curves)
     if not curves or max(max(c["epochs"]) for c in curves) < 5:
         return
     first = max(2, round(0.2 * max(max(c["epochs"]) for c in curves)) + 1)
-    lows = [m - s for c in curves for m, s, e in zip(c["mean"], c["std"], c["epochs"])
-            if e >= first]
-    highs = [m + s for c in curves for m, s, e in zip(c["mean"], c["std"], c["epochs"])
-             if e >= first]
-    if lows and max(highs) > min(lows):
-        pad = 0.1 * (max(highs) - min(lows))
-        ax.set_ylim(min(lows) - pad, max(highs) + pad)
+    points = [(m, s) for c in curves for m, s, e in zip(c["mean"], c["std"], c["epochs"])
+              if e >= first]
+    if not points:
+        return
+    lows = sorted(m - s for m, s in points)
+    highs = sorted(m + s for m, s in points)
+    cut = int(ZOOM_QUANTILE * (len(points) - 1))
+    means = [m for m, _ in points]
+    low = lows[cut]
+    high = min(max(highs[len(highs) - 1 - cut], max(means)), 1.0)
+    if high > low:
+        pad = 0.1 * (high - low)
+        ax.set_ylim(low - pad, high + pad)
 
 
 def _accuracy_panel(ax, title: str, xlabel: str) -> None:
