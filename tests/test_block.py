@@ -341,7 +341,7 @@ def test_input_too_small_is_a_clear_error():
 
 def test_axis_plan_exhaustive():
     """Every small 1-D geometry: the plan reads exactly the taps the padded definition reads."""
-    from acnet.block import _axis_plan
+    from acnet.alignment import axis_plan as _axis_plan
 
     torch.manual_seed(0)
     checked = 0

@@ -172,13 +172,23 @@ def test_preserve_with_branch_bn_false():
     assert rel_err(acnet.deploy(ac)(x), ac(x)) <= TOL
 
 
-def test_filter_overrides_default_rules():
-    model = acnet.convert(Net(), filter=lambda name, m: name != "conv2")
+def test_include_overrides_default_rules():
+    model = acnet.convert(Net(), include=lambda name, m: name != "conv2")
     assert "conv2" not in model.acnet_report.converted
-    assert model.acnet_report.skipped["conv2"] == "excluded by filter"
+    assert model.acnet_report.skipped["conv2"] == "excluded by include="
     strided = nn.Sequential(nn.Conv2d(3, 4, 3, stride=3), nn.BatchNorm2d(4))
     assert acnet.convert(strided).acnet_report.converted == []
-    assert acnet.convert(strided, filter=lambda n, m: True).acnet_report.converted == ["0"]
+    assert acnet.convert(strided, include=lambda n, m: True).acnet_report.converted == ["0"]
+
+
+def test_filter_still_works_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="include="):
+        model = acnet.convert(Net(), filter=lambda name, m: name != "conv2")
+    assert model.acnet_report.skipped["conv2"] == "excluded by include="
+    with pytest.raises(TypeError, match="include= only"), pytest.warns(DeprecationWarning):
+        acnet.convert(Net(), filter=lambda n, m: True, include=lambda n, m: True)
+    with pytest.raises(TypeError, match="include must be callable"):
+        acnet.convert(Net(), include=3)
 
 
 class Shared(nn.Module):
@@ -232,14 +242,17 @@ class Untraceable(nn.Module):
         return self.bn(self.conv(x))
 
 
-def test_untraceable_model_pairs_are_proven_by_a_probe_run():
+def test_untraceable_model_pairs_are_proven_by_a_probe_run_on_given_inputs():
     torch.manual_seed(0)
     model = randomize_bn(Untraceable()).eval()
     with pytest.warns(UserWarning, match="could not trace"):
         out = acnet.convert(model)
-    assert isinstance(out.bn, AbsorbedBatchNorm)
-    assert "proven by probe" in str(out.acnet_report)
+    assert "example_inputs" in out.acnet_report.skipped["conv"]
     x = torch.randn(2, 3, 6, 6)
+    with pytest.warns(UserWarning, match="could not trace"):
+        out = acnet.convert(model, example_inputs=x)
+    assert isinstance(out.bn, AbsorbedBatchNorm)
+    assert "proven on the given inputs" in str(out.acnet_report)
     assert rel_err(out.eval()(x), model(x)) <= TOL
 
 

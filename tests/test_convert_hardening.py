@@ -18,7 +18,7 @@ from torch import nn
 
 import acnet
 from acnet import AbsorbedBatchNorm, ACBlock
-from acnet.convert import NormActTail
+from acnet.deploy import NormActTail
 
 TOL = 1e-5
 
@@ -107,9 +107,12 @@ def test_untraceable_models_are_never_miscompiled(cls):
 
 def test_untraceable_pairings_are_proven_not_guessed():
     torch.manual_seed(0)
-    pre = _quiet_convert(randomize_bn(_PreAct()))
+    x = torch.randn(2, 3, 8, 8).abs()
+    pre = _quiet_convert(randomize_bn(_PreAct()), example_inputs=x)
     assert not any(isinstance(m, AbsorbedBatchNorm) for m in pre.modules())  # no conv→BN here
     side = _quiet_convert(randomize_bn(_SideUse()))
+    assert "example_inputs" in side.acnet_report.skipped["conv"]
+    side = _quiet_convert(randomize_bn(_SideUse()), example_inputs=x)
     assert "elsewhere" in side.acnet_report.skipped["conv"]
     wrapped = _quiet_convert(randomize_bn(_Wrapped()))
     assert isinstance(wrapped.body[1], AbsorbedBatchNorm)
@@ -150,7 +153,7 @@ def test_unprovable_pairs_are_skipped_and_example_inputs_prove_them():
 def test_probe_leaves_modes_and_statistics_alone():
     model = randomize_bn(_SideUse()).train()
     before = copy.deepcopy(model.state_dict())
-    _quiet_convert(model)
+    _quiet_convert(model, example_inputs=torch.randn(4, 3, 8, 8))
     assert model.training and all(m.training for m in model.modules())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -196,7 +199,7 @@ def test_frozen_conv_is_skipped_unless_selected_and_then_stays_frozen():
     out = acnet.convert(model)
     assert "frozen" in out.acnet_report.skipped["conv"]
     assert isinstance(out.head, ACBlock)
-    forced = acnet.convert(model, filter=lambda n, m: True)
+    forced = acnet.convert(model, include=lambda n, m: True)
     assert all(not p.requires_grad for p in forced.conv.parameters() if p is not None
                and p is not forced.conv.square_bn.weight and p is not forced.conv.square_bn.bias)
     assert forced.conv.square_bn.weight.requires_grad  # the BN itself was trainable

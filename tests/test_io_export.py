@@ -47,18 +47,18 @@ def test_save_and_load_deployed(tmp_path):
 
 def test_checkpoint_weights_only_and_corruption(tmp_path):
     path = tmp_path / "ck.pt"
-    acnet.save_checkpoint(path, {"model": _model().state_dict(), "epoch": 3})
-    assert acnet.load_checkpoint(path)["epoch"] == 3
+    acnet.io.save_checkpoint(path, {"model": _model().state_dict(), "epoch": 3})
+    assert acnet.io.load_checkpoint(path)["epoch"] == 3
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
-        acnet.load_checkpoint(path)
+        acnet.io.load_checkpoint(path)
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        acnet.load_checkpoint(tmp_path / "none.pt")
+        acnet.io.load_checkpoint(tmp_path / "none.pt")
 
     torch.save({"obj": Custom()}, path)  # a pickled object: refused by weights_only
     with pytest.raises(CheckpointError):
-        acnet.load_checkpoint(path)
+        acnet.io.load_checkpoint(path)
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
 
 

@@ -1,13 +1,17 @@
 """Find which convs feed exactly one BatchNorm, and prove it before convert() relies on it.
 
-A pairing is proven from a torch.fx graph (of the whole model, or of the smallest submodule that
-traces and calls the conv) or, for code that fx cannot trace, from a probe run: hooks show the BN
-reads the conv's output tensor, and a numeric check shows nothing else reads it. What cannot be
-proven is reported as a skip, never guessed.
+The proof: in every mode the model has (all modules training, all in eval, and the mix it is in
+now), a torch.fx graph shows the conv's output goes only into that BN; the graph is the whole
+model's, or the smallest submodule's that traces and holds the conv, the BN and every reader of
+the conv's output (the output does not leave the submodule). For code fx cannot trace, a probe
+run counts as proof only on inputs the user gives (``example_inputs``), in every mode: hooks show
+the BN reads the conv's output tensor, and a numeric check shows nothing else reads it. What
+cannot be proven is reported as a skip, never guessed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -20,50 +24,16 @@ from torch import Tensor, nn
 
 from ._text import first_line
 from .block import ACBlock
+from .errors import InputError
+from .norms import bn_skip_reason, is_norm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConvUse", "Pairing", "find_pairs", "is_norm", "is_bn_act", "absorbable_bn",
-           "bn_skip_reason"]
+__all__ = ["ConvUse", "Pairing", "find_pairs", "PROBED"]
 
-
-def is_norm(m: nn.Module) -> bool:
-    """A normalization layer: torch's, or one named like it (e.g. FrozenBatchNorm2d)."""
-    if isinstance(m, nn.modules.batchnorm._NormBase):
-        return True
-    name = type(m).__name__
-    return name.endswith(("Norm", "Norm2d", "NormAct2d", "NormAct")) and not any(
-        isinstance(c, nn.Conv2d) for c in m.modules()
-    )
-
-
-def is_bn_act(bn: nn.Module) -> bool:
-    """timm's BatchNormAct2d: a BatchNorm2d followed by its own ``drop`` and ``act`` modules."""
-    return (type(bn).__name__ == "BatchNormAct2d" and isinstance(bn, nn.BatchNorm2d)
-            and isinstance(getattr(bn, "act", None), nn.Module)
-            and isinstance(getattr(bn, "drop", None), nn.Module))
-
-
-def bn_skip_reason(bn: nn.Module, conv: nn.Conv2d) -> str | None:
-    """Why ``bn`` cannot be absorbed into an ACBlock after ``conv`` (None: it can)."""
-    kind = type(bn).__name__
-    if not (type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or is_bn_act(bn)):
-        return f"followed by {kind}, which acnet cannot absorb (only BatchNorm2d, SyncBatchNorm " \
-               f"and timm's BatchNormAct2d fold into a kernel)"
-    if bn._forward_hooks or bn._forward_pre_hooks:
-        return f"followed by {kind} with forward hooks, which absorbing it would silently drop"
-    if not bn.track_running_stats or bn.running_mean is None:
-        return (f"followed by {kind} with track_running_stats=False: it normalizes with batch "
-                f"statistics in eval mode too, so it is not a fixed affine map to fold")
-    if bn.num_features != conv.out_channels:
-        return f"followed by {kind}({bn.num_features}) but the conv has {conv.out_channels} " \
-               f"output channels"
-    return None
-
-
-def absorbable_bn(bn: nn.Module, conv: nn.Conv2d) -> bool:
-    """A BN acnet can absorb after ``conv`` (see :func:`bn_skip_reason`)."""
-    return bn_skip_reason(bn, conv) is None
+PROBED = "the given inputs"  # ConvUse.how of a pairing proven by a probe run on example_inputs
+_UNTRACED = ("torch.fx could not trace the code that reads its output, so its BatchNorm cannot "
+             "be proven; pass example_inputs= to convert() to prove it on inputs you choose")
 
 
 @dataclass
@@ -72,7 +42,7 @@ class ConvUse:
 
     bn: str | None = None
     skip: str | None = None
-    how: str = "graph"  # "graph", "graph of SUBMODULE" or "probe"
+    how: str = "graph"  # "graph", "graph of SUBMODULE" or PROBED
 
 
 @dataclass
@@ -88,22 +58,64 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(m, ACBlock) or is_norm(m) or super().is_leaf_module(m, qualname)
 
 
-def _trace(module: nn.Module) -> torch.fx.Graph | str:
-    """The module's fx graph, or a one-line reason why it cannot be traced."""
+# ------------------------------------------------------------------------ modes
+def _modes(model: nn.Module) -> list[tuple[str, list[bool]]]:
+    """(label, training flag per module) of every mode to prove pairings in."""
+    mods = list(model.modules())
+    now = [m.training for m in mods]
+    out = [("training mode", [True] * len(mods)), ("eval mode", [False] * len(mods))]
+    if any(now) and not all(now):
+        out.append(("the model's current mix of modes", now))
+    return out
+
+
+@contextlib.contextmanager
+def _in_mode(model: nn.Module, flags: list[bool]) -> Iterator[None]:
+    """Set each module's ``training`` flag; restore them afterwards."""
+    mods = list(model.modules())
+    before = [m.training for m in mods]
     try:
-        return _Tracer().trace(module)
+        for m, f in zip(mods, flags):
+            m.training = f
+        yield
+    finally:
+        for m, f in zip(mods, before):
+            m.training = f
+
+
+# ------------------------------------------------------------------------ graphs
+def _trace(module: nn.Module) -> torch.fx.Graph | str:
+    """The module's fx graph, or a one-line reason why it cannot be trusted or traced.
+
+    Attributes that forward stores on modules while tracing are put back; a traced value
+    stored that way would escape the graph, so such a graph is not trusted.
+    """
+    saved = [(m, dict(m.__dict__)) for m in module.modules()]
+    try:
+        graph = _Tracer().trace(module)
     except Exception as exc:  # any tracing failure means: prove pairings another way
-        return first_line(exc, 200)
-
-
-def _target_name(target: Any) -> str:
-    """A readable name for an fx call target (a function, method name or module path)."""
-    return getattr(target, "__name__", None) or str(target)
+        graph = first_line(exc, 200)
+    leaked = False
+    for m, before in saved:
+        for k in [k for k, v in m.__dict__.items() if isinstance(v, torch.fx.Proxy)]:
+            leaked = True
+            if k in before:
+                m.__dict__[k] = before[k]
+            else:
+                del m.__dict__[k]
+    if leaked and not isinstance(graph, str):
+        return "forward stores a traced value as a module attribute"
+    return graph
 
 
 def _graph_uses(graph: torch.fx.Graph, root: nn.Module, prefix: str, names: set[str],
-                how: str) -> dict[str, ConvUse]:
-    """Analyze the convs of ``names`` called in the fx ``graph`` of ``root`` (named ``prefix``)."""
+                how: str, closed: bool) -> dict[str, ConvUse]:
+    """Analyze the convs of ``names`` called in the fx ``graph`` of ``root`` (named ``prefix``).
+
+    ``closed``: the graph is the whole model's, so a conv output reaching ``output`` is the
+    model's result. Otherwise a conv whose output leaves the graph is left out (unresolved):
+    its readers outside are unknown.
+    """
     modules = dict(root.named_modules())
     full = (lambda t: f"{prefix}.{t}") if prefix else (lambda t: t)  # noqa: E731
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
@@ -111,8 +123,10 @@ def _graph_uses(graph: torch.fx.Graph, root: nn.Module, prefix: str, names: set[
     for node in graph.nodes:
         if node.op != "call_module" or full(node.target) not in names:
             continue
-        use = out[full(node.target)] = ConvUse(how=how)
         users = list(node.users)
+        if not closed and any(u.op == "output" for u in users):
+            continue
+        use = out[full(node.target)] = ConvUse(how=how)
         if calls[node.target] > 1:
             use.skip = f"module is called {calls[node.target]} times in forward"
         elif len(users) > 1:
@@ -123,6 +137,11 @@ def _graph_uses(graph: torch.fx.Graph, root: nn.Module, prefix: str, names: set[
         elif len(users) == 1:
             _single_user(users[0], modules[node.target], modules, calls, full, use)
     return out
+
+
+def _target_name(target: Any) -> str:
+    """A readable name for an fx call target (a function, method name or module path)."""
+    return getattr(target, "__name__", None) or str(target)
 
 
 def _single_user(user: torch.fx.Node, conv: nn.Module, modules: dict[str, nn.Module],
@@ -140,8 +159,8 @@ def _single_user(user: torch.fx.Node, conv: nn.Module, modules: dict[str, nn.Mod
         else:
             use.skip = reason
     elif "norm" in _target_name(user.target).lower():
-        use.skip = f"followed by a functional {_target_name(user.target)}, which acnet cannot " \
-                   f"absorb"
+        use.skip = (f"followed by a functional {_target_name(user.target)}, which acnet cannot "
+                    f"absorb")
 
 
 def _ancestors(name: str) -> Iterator[str]:
@@ -152,39 +171,75 @@ def _ancestors(name: str) -> Iterator[str]:
         parts.pop()
 
 
-def _by_submodule_graphs(model: nn.Module, names: set[str], out: Pairing) -> None:
-    """Resolve convs from the graph of the nearest submodule that traces and calls them."""
+def _graph_pairs(model: nn.Module, names: set[str]) -> tuple[dict[str, ConvUse], str | None]:
+    """Pairings provable from graphs in the model's current mode; why the root did not trace."""
+    graph = _trace(model)
+    if not isinstance(graph, str):
+        return _graph_uses(graph, model, "", names, "graph", closed=True), None
+    uses: dict[str, ConvUse] = {}
     graphs: dict[str, torch.fx.Graph | str] = {}
-    for name in sorted(names - set(out.uses)):
+    for name in sorted(names):
         for anc in _ancestors(name):
             if anc not in graphs:
                 graphs[anc] = _trace(model.get_submodule(anc))
-            graph = graphs[anc]
-            if isinstance(graph, str):
+            sub = graphs[anc]
+            if isinstance(sub, str):
                 continue
-            got = _graph_uses(graph, model.get_submodule(anc), anc, {name}, f"graph of {anc}")
+            got = _graph_uses(sub, model.get_submodule(anc), anc, {name}, f"graph of {anc}",
+                              closed=False)
             if name in got:
-                out.uses[name] = got[name]
+                uses[name] = got[name]
                 break
+    return uses, graph
+
+
+def _agree(name: str, per_mode: list[tuple[str, ConvUse]]) -> ConvUse:
+    """One ConvUse from those of every mode: a pair only if every mode shows the same one."""
+    for label, use in per_mode:
+        if use.skip:
+            return ConvUse(skip=f"{use.skip} (in {label})" if len(per_mode) > 1 else use.skip,
+                           how=use.how)
+    bns = {use.bn for _, use in per_mode}
+    if len(bns) > 1:
+        seen = ", ".join(f"{use.bn or 'no BatchNorm'} in {label}" for label, use in per_mode)
+        return ConvUse(skip=f"its output goes to different layers by mode ({seen})",
+                       how=per_mode[0][1].how)
+    hows = list(dict.fromkeys(use.how for _, use in per_mode))
+    return ConvUse(bn=bns.pop(), how=" and ".join(hows))
 
 
 def find_pairs(model: nn.Module, names: set[str], example_inputs: Any = None) -> Pairing:
     """For each conv named in ``names``: the BN it alone feeds, or a proven reason to skip it."""
     out = Pairing()
-    graph = _trace(model)
-    if isinstance(graph, str):
-        out.notes.append(f"torch.fx could not trace {type(model).__name__} ({graph}); pairings "
-                         f"were proven from submodule graphs or a probe run")
-    else:
-        out.uses.update(_graph_uses(graph, model, "", names, "graph"))
-    if names - set(out.uses):
-        _by_submodule_graphs(model, names, out)
-    rest = names - set(out.uses)
-    if rest:
-        _probe_pairs(model, rest, example_inputs, out)
+    modes = _modes(model)
+    found: dict[str, list[tuple[str, ConvUse]]] = {n: [] for n in names}
+    failed: str | None = None
+    for label, flags in modes:
+        with _in_mode(model, flags):
+            uses, why = _graph_pairs(model, names)
+        failed = failed or why
+        for name, use in uses.items():
+            found[name].append((label, use))
+    if failed:
+        out.notes.append(f"torch.fx could not trace {type(model).__name__} ({failed}); pairings "
+                         f"were proven from submodule graphs"
+                         + (" or a probe run on the given inputs" if example_inputs is not None
+                            else ""))
+    rest = set()
+    for name, per_mode in found.items():
+        if len(per_mode) == len(modes):
+            out.uses[name] = _agree(name, per_mode)
+        else:
+            rest.add(name)
+    if rest and example_inputs is None:
+        for name in rest:
+            out.uses[name] = ConvUse(skip=_UNTRACED, how=PROBED)
+    elif rest:
+        _probe_all_modes(model, rest, example_inputs, modes, out)
     return out
 
 
+# ------------------------------------------------------------------------ probe runs
 def _affine(n: int, seed: int, like: Tensor) -> tuple[Tensor, Tensor]:
     """A fixed random per-channel affine map (scale, shift), far from the identity."""
     g = torch.Generator().manual_seed(seed)
@@ -196,32 +251,39 @@ def _affine(n: int, seed: int, like: Tensor) -> tuple[Tensor, Tensor]:
             shift.to(like.device, like.dtype).view(shape))
 
 
-def _run(model: nn.Module, inputs: tuple, hooks: dict[nn.Module, tuple[Callable, Callable]]
-         ) -> list[Tensor]:
-    """Run ``model`` in eval mode without grad, with (pre-hook, hook) per module; the outputs.
+def _run(model: nn.Module, inputs: tuple, flags: list[bool],
+         hooks: dict[nn.Module, tuple[Callable | None, Callable | None]]) -> list[Tensor]:
+    """Run ``model`` without grad in the mode ``flags``, with (pre-hook, hook) per module.
 
-    The training flags of every module are restored afterwards, so probing changes nothing.
+    Modes, buffers (BN statistics a training-mode run updates) and the RNG (dropout) are
+    restored afterwards, and every run starts from the same RNG state, so probing changes
+    nothing and two runs differ only by their hooks.
     """
-    modes = [(m, m.training) for m in model.modules()]
     handles = []
+    buffers = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()
+               if isinstance(v, Tensor) and not isinstance(v, nn.Parameter)}
+    devices = sorted({t.device.index for t in buffers.values() if t.device.type == "cuda"})
     try:
         for m, (pre, post) in hooks.items():
             if pre is not None:
                 handles.append(m.register_forward_pre_hook(pre))
             if post is not None:
                 handles.append(m.register_forward_hook(post))
-        model.eval()
-        with torch.no_grad():
+        with _in_mode(model, flags), torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(0)
             out = model(*inputs)
     finally:
         for h in handles:
             h.remove()
-        for m, was in modes:
-            m.training = was
+        state = model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for k, v in buffers.items():
+                state[k].copy_(v)
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, Tensor)]
 
 
-def _record(model: nn.Module, inputs: tuple, names: set[str]) -> tuple[dict, dict]:
+def _record(model: nn.Module, inputs: tuple, flags: list[bool], names: set[str]
+            ) -> tuple[dict, dict]:
     """Run the probe with hooks: conv name -> its outputs, norm name -> its inputs."""
     conv_out: dict[str, list[Tensor]] = {n: [] for n in names}
     norm_in: dict[str, list[Any]] = {}
@@ -232,51 +294,20 @@ def _record(model: nn.Module, inputs: tuple, names: set[str]) -> tuple[dict, dic
         elif is_norm(m):
             norm_in[name] = []
             hooks[m] = (lambda _m, a, n=name: norm_in[n].append(a[0] if a else None), None)
-    _run(model, inputs, hooks)
+    _run(model, inputs, flags, hooks)
     return conv_out, norm_in
 
 
-def _guess_inputs(model: nn.Module) -> Iterator[tuple]:
-    """Plausible image batches for a model whose input shape nobody gave: (2, C, s, s)."""
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    ref = next(model.parameters(), None)
-    if first is None or ref is None:
-        return
-    g = torch.Generator().manual_seed(0)
-    for size in (64, 224, 32):
-        x = torch.randn(2, first.in_channels, size, size, generator=g)
-        yield (x.to(device=ref.device, dtype=ref.dtype),)
-
-
-def _probe_run(model: nn.Module, names: set[str], example_inputs: Any
-               ) -> tuple[tuple, dict, dict] | str:
-    """(inputs, conv outputs, norm inputs) of a probe run, or why no probe could run."""
-    if example_inputs is not None:
-        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        try:
-            return (inputs, *_record(model, inputs, names))
-        except Exception as exc:
-            raise ValueError(f"the model failed on example_inputs: {first_line(exc, 200)}"
-                             ) from exc
-    for inputs in _guess_inputs(model):
-        try:
-            return (inputs, *_record(model, inputs, names))
-        except Exception as exc:
-            log.debug("probe input %s failed: %s", tuple(inputs[0].shape), exc)
-    return ("torch.fx could not trace the code around it and no probe input ran; pass "
-            "example_inputs= to convert() to prove its BatchNorm")
-
-
-def _candidates(model: nn.Module, names: set[str], conv_out: dict, norm_in: dict,
-                out: Pairing) -> dict[str, str]:
-    """Pairs seen in the probe run (the BN read the conv's output tensor); the rest decided."""
+def _seen_pairs(model: nn.Module, names: set[str], conv_out: dict, norm_in: dict
+                ) -> dict[str, ConvUse]:
+    """What one probe run shows per conv: the BN that read its output tensor, or a skip."""
     modules = dict(model.named_modules())
-    found: dict[str, str] = {}
+    seen: dict[str, ConvUse] = {}
     for name in sorted(names):
         outs = conv_out[name]
-        use = out.uses[name] = ConvUse(how="probe")
+        use = seen[name] = ConvUse(how=PROBED)
         if not outs:
-            use.skip = "not called on the probe input, so its BatchNorm cannot be proven"
+            use.skip = "not called on the given inputs, so its BatchNorm cannot be proven"
             continue
         if len(outs) > 1:
             use.skip = f"module is called {len(outs)} times in forward"
@@ -289,13 +320,14 @@ def _candidates(model: nn.Module, names: set[str], conv_out: dict, norm_in: dict
             if reason is None and len(norm_in[readers[0]]) > 1:
                 reason = f"its BatchNorm {readers[0]} is called {len(norm_in[readers[0]])} times"
             if reason is None:
-                found[name] = readers[0]
+                use.bn = readers[0]
             else:
                 use.skip = reason
-    return found
+    return seen
 
 
-def _moves_nothing(model: nn.Module, inputs: tuple, pairs: dict[str, str]) -> bool:
+def _moves_nothing(model: nn.Module, inputs: tuple, flags: list[bool],
+                   pairs: dict[str, str]) -> bool:
     """True if applying each BN right at its conv's output changes no model output.
 
     Each BN is replaced by a random affine map T; the model with T in the BN's slot must equal
@@ -304,36 +336,61 @@ def _moves_nothing(model: nn.Module, inputs: tuple, pairs: dict[str, str]) -> bo
     """
     modules = dict(model.named_modules())
     maps = {}
-    for i, (conv, bn) in enumerate(sorted(pairs.items())):
+    for i, (conv, _bn) in enumerate(sorted(pairs.items())):
         ref = next(modules[conv].parameters())
         maps[conv] = _affine(modules[conv].out_channels, i, ref.new_zeros(1, 1, 1, 1))
     at_bn = {modules[bn]: (None, lambda _m, a, _o, c=conv: a[0] * maps[c][0] + maps[c][1])
              for conv, bn in pairs.items()}
-    at_conv = {modules[bn]: (None, lambda _m, a, _o: a[0]) for bn in pairs.values()}
+    at_conv: dict[nn.Module, tuple[Callable | None, Callable | None]] = {
+        modules[bn]: (None, lambda _m, a, _o: a[0]) for bn in pairs.values()}
     at_conv.update({modules[conv]: (None, lambda _m, _a, o, c=conv: o * maps[c][0] + maps[c][1])
                     for conv in pairs})
-    want, got = _run(model, inputs, at_bn), _run(model, inputs, at_conv)
+    want, got = _run(model, inputs, flags, at_bn), _run(model, inputs, flags, at_conv)
     scale = max((w.abs().max().item() for w in want if w.numel()), default=0.0)
     return len(want) == len(got) and all(
         w.shape == g.shape and (w - g).abs().max().item() <= 1e-5 * max(scale, 1e-12)
         for w, g in zip(want, got) if w.numel())
 
 
-def _probe_pairs(model: nn.Module, names: set[str], example_inputs: Any, out: Pairing) -> None:
-    """Prove the pairings of ``names`` by running the model on a probe input."""
-    run = _probe_run(model, names, example_inputs)
-    if isinstance(run, str):
-        for name in names:
-            out.uses[name] = ConvUse(skip=run, how="probe")
-        return
-    inputs, conv_out, norm_in = run
-    found = _candidates(model, names, conv_out, norm_in, out)
+def _probe_mode(model: nn.Module, names: set[str], inputs: tuple, flags: list[bool]
+                ) -> dict[str, ConvUse]:
+    """Pairings of ``names`` shown by probe runs on ``inputs`` in one mode."""
+    conv_out, norm_in = _record(model, inputs, flags, names)
+    seen = _seen_pairs(model, names, conv_out, norm_in)
     del conv_out, norm_in
-    if found and not _moves_nothing(model, inputs, found):
-        for conv, bn in list(found.items()):
-            if not _moves_nothing(model, inputs, {conv: bn}):
-                out.uses[conv].skip = (f"its output goes to {bn} and elsewhere (a probe run "
-                                       f"showed the difference)")
-                del found[conv]
-    for conv, bn in found.items():
-        out.uses[conv].bn = bn
+    found = {c: u.bn for c, u in seen.items() if u.bn}
+    if found and not _moves_nothing(model, inputs, flags, found):
+        for conv, bn in found.items():
+            if not _moves_nothing(model, inputs, flags, {conv: bn}):
+                seen[conv] = ConvUse(skip=f"its output goes to {bn} and elsewhere (a probe run "
+                                          f"on the given inputs showed the difference)",
+                                     how=PROBED)
+    return seen
+
+
+def _probe_all_modes(model: nn.Module, names: set[str], example_inputs: Any,
+                     modes: list[tuple[str, list[bool]]], out: Pairing) -> None:
+    """Prove the pairings of ``names`` by probe runs on the given inputs, in every mode."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    per_mode: dict[str, list[tuple[str, ConvUse]]] = {n: [] for n in names}
+    failures: list[tuple[str, Exception]] = []
+    for label, flags in modes:
+        try:
+            seen = _probe_mode(model, names, inputs, flags)
+        except Exception as exc:  # the user's model on the user's inputs: report, do not crash
+            failures.append((label, exc))
+            continue
+        for name, use in seen.items():
+            per_mode[name].append((label, use))
+    if len(failures) == len(modes):
+        label, exc = failures[0]
+        raise InputError(f"the model failed on example_inputs in {label}: "
+                         f"{first_line(exc, 200)}") from exc
+    for name, uses in per_mode.items():
+        if failures:
+            label, exc = failures[0]
+            out.uses[name] = ConvUse(skip=f"the model failed on example_inputs in {label} "
+                                          f"({first_line(exc, 120)}), so its BatchNorm cannot "
+                                          f"be proven in that mode", how=PROBED)
+        else:
+            out.uses[name] = _agree(name, uses)

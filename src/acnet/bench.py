@@ -22,7 +22,9 @@ from torch import nn
 
 from .analysis.cost import latency_ratio, time_interleaved
 from .block import ACBlock
-from .convert import convert, deploy
+from .convert import convert
+from .deploy import deploy
+from .errors import InputError
 from .models import build_model
 from .train.engine import eager_ceil_mode_avg_pools
 
@@ -222,7 +224,7 @@ def run_bench(*, models: tuple[str, ...] = ("resnet20", "resnet56", "cifar_quick
     ``channels_last`` trains in that memory format (as `acnet train` does by default)."""
     batches = (batch,) if isinstance(batch, int) else tuple(batch)
     if repeats < 1 or not batches or min(batches) < 1:
-        raise ValueError(f"repeats and batch must be >= 1, got {repeats} and {batch}")
+        raise InputError(f"repeats and batch must be >= 1, got {repeats} and {batch}")
     devs = devices or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
     result: dict[str, Any] = {"machine": machine(), "repeats": repeats, "warmup": warmup,
                               "training": [], "inference": []}

@@ -23,17 +23,17 @@ from .cli_studies import (
     positive_int,
 )
 from .data import DATASETS, TRANSFORMS
-from .export import ExportMismatchError
-from .io import CheckpointError
+from .errors import ACNetError, InputError
 from .quantize import export_int8_run
 from .runs import deploy_run, evaluate_run, export_run
 from .train import TrainConfig, train
 
 log = logging.getLogger("acnet")
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError,
-               IsADirectoryError, NotADirectoryError, ImportError, FloatingPointError,
-               CheckpointError, ExportMismatchError)
+# what acnet raises for bad input, files or environment, and what the OS raises for bad paths:
+# one line and exit code 2; anything else is a bug and keeps its traceback
+USER_ERRORS = (ACNetError, FileNotFoundError, FileExistsError, PermissionError,
+               IsADirectoryError, NotADirectoryError)
 
 DEFAULTS = TrainConfig()  # the one place train's defaults live; --help quotes them
 
@@ -155,7 +155,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     if a.int8:
         return _export_int8(a)
     if a.calibration_images is not None:
-        raise ValueError("--calibration-images needs --int8")
+        raise InputError("--calibration-images needs --int8")
     result = export_run(a.run, a.onnx)
     print(f"wrote {result['onnx']}: onnxruntime matches PyTorch (relative max error "
           f"{result['relative_error']:.2g})")

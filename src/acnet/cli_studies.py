@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .bench import format_table, run_bench, save
+from .errors import InputError
 from .experiments import STUDY_PRESETS, reproduce, summary
 from .runs import analyze_kernels, analyze_sparsity
 
@@ -28,7 +29,7 @@ def _ratios(s: str) -> list[float]:
     try:
         return [float(v) for v in s.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--ratios must be comma-separated numbers, got {s!r}") from None
+        raise InputError(f"--ratios must be comma-separated numbers, got {s!r}") from None
 
 
 def _seeds(s: str) -> tuple[int, ...]:
@@ -36,7 +37,7 @@ def _seeds(s: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in s.split(",") if v.strip())
     except ValueError:
-        raise ValueError(f"--seeds must be comma-separated integers, got {s!r}") from None
+        raise InputError(f"--seeds must be comma-separated integers, got {s!r}") from None
 
 
 def _batches(s: str) -> tuple[int, ...]:
@@ -46,7 +47,7 @@ def _batches(s: str) -> tuple[int, ...]:
     except ValueError:
         values = ()
     if not values or min(values) < 1:
-        raise ValueError(f"--batch must be comma-separated positive integers, got {s!r}")
+        raise InputError(f"--batch must be comma-separated positive integers, got {s!r}")
     return values
 
 

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import NonFiniteError
+
 __all__ = ["count_params", "evaluate", "exact_float32", "compare_models"]
 
 
@@ -43,7 +45,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, amp: bool = False,
              ) -> tuple[float, torch.Tensor | None]:
     """Top-1 accuracy on ``loader`` (and the concatenated logits, if asked).
 
-    ``amp``: bf16 autocast on CUDA. ``check_finite``: raise FloatingPointError when an output
+    ``amp``: bf16 autocast on CUDA. ``check_finite``: raise NonFiniteError when an output
     is NaN or infinite. The model's train/eval mode is restored afterwards.
     """
     was = model.training
@@ -56,7 +58,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, amp: bool = False,
                 logits = model(x)
             logits = logits.float()
             if check_finite and not torch.isfinite(logits).all():
-                raise FloatingPointError("the model's outputs are not finite (NaN or infinity)")
+                raise NonFiniteError("the model's outputs are not finite (NaN or infinity)")
             correct += (logits.argmax(1) == y).sum().item()
             total += y.numel()
             if keep_logits:

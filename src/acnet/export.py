@@ -10,23 +10,19 @@ import torch
 from torch import nn
 
 from .block import ACBlock
-from .convert import deploy
+from .deploy import deploy
+from .errors import ACNetError, InputError, require
 
 __all__ = ["export_onnx", "ExportMismatchError"]
 
 
-class ExportMismatchError(RuntimeError):
+class ExportMismatchError(ACNetError, RuntimeError):
     """onnxruntime's output differs from PyTorch's beyond the tolerance."""
 
 
 def _require():
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as exc:
-        raise ImportError(
-            "ONNX export needs the 'export' extra: pip install 'acnet[export]'") from exc
-    return onnx, onnxruntime
+    return (require("onnx", "export", "ONNX export"),
+            require("onnxruntime", "export", "ONNX export"))
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...], *,
@@ -40,9 +36,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
     onnx, ort = _require()
     if not (isinstance(input_shape, (tuple, list)) and len(input_shape) == 4
             and all(isinstance(v, int) and v > 0 for v in input_shape)):
-        raise ValueError(f"input_shape must be (N, C, H, W) of positive ints, got {input_shape!r}")
+        raise InputError(f"input_shape must be (N, C, H, W) of positive ints, got {input_shape!r}")
     if Path(path).is_dir():
-        raise ValueError(f"ONNX path {path} is a directory; give a file name such as "
+        raise InputError(f"ONNX path {path} is a directory; give a file name such as "
                          f"{Path(path) / 'model.onnx'}")
     if any(isinstance(m, ACBlock) for m in model.modules()):
         model = deploy(model)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .errors import InputError
+
 __all__ = [
     "fold_bn", "embed_kernel", "branch_offsets", "bn_identity_params", "tap_indices",
     "merge_kernels", "bn_scale_shift",
@@ -48,7 +50,7 @@ def embed_kernel(kernel: Tensor, size: int, row: int, col: int) -> Tensor:
     """
     kh, kw = kernel.shape[-2:]
     if row < 0 or col < 0 or row + kh > size or col + kw > size:
-        raise ValueError(
+        raise InputError(
             f"a {kh}x{kw} kernel at ({row}, {col}) does not fit in a {size}x{size} kernel"
         )
     out = kernel.new_zeros(*kernel.shape[:-2], size, size)
@@ -66,12 +68,12 @@ def tap_indices(size: int, placements: list[tuple[int, int, int, int]]) -> Tenso
     out = []
     for kh, kw, row, col in placements:
         if row < 0 or col < 0 or row + kh > size or col + kw > size:
-            raise ValueError(
+            raise InputError(
                 f"a {kh}x{kw} kernel at ({row}, {col}) does not fit in a {size}x{size} kernel"
             )
         out.append([(row + i) * size + col + j for i in range(kh) for j in range(kw)])
     if len({len(taps) for taps in out}) > 1:
-        raise ValueError(f"branches must have the same number of taps, got {placements}")
+        raise InputError(f"branches must have the same number of taps, got {placements}")
     if not out:
         return torch.zeros(0, 0, dtype=torch.long)
     return torch.tensor(out, dtype=torch.long)
@@ -131,7 +133,7 @@ def branch_offsets(kernel_size: int, position: str) -> tuple[int, int]:
         return kernel_size // 2, kernel_size // 2
     if position == "corner":
         return kernel_size - 1, kernel_size - 1
-    raise ValueError(f"position must be 'center' or 'corner', got {position!r}")
+    raise InputError(f"position must be 'center' or 'corner', got {position!r}")
 
 
 def bn_identity_params(

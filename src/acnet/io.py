@@ -14,6 +14,7 @@ from torch import nn
 
 from ._text import first_line
 from .block import ACBlock
+from .errors import ACNetError, InputError
 
 __all__ = ["atomic_write_bytes", "save_checkpoint", "load_checkpoint", "save_deployed",
            "load_deployed", "save_json", "CheckpointError"]
@@ -22,7 +23,7 @@ __all__ = ["atomic_write_bytes", "save_checkpoint", "load_checkpoint", "save_dep
 _ALIASES = "acnet_aliases"  # safetensors metadata: names that repeat another tensor
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ACNetError, RuntimeError):
     """A checkpoint file that is missing, truncated or not what acnet wrote."""
 
 
@@ -113,11 +114,11 @@ def save_deployed(model: nn.Module, path: str | os.PathLike,
     from safetensors.torch import save as st_save
 
     if any(isinstance(m, ACBlock) for m in model.modules()):
-        raise ValueError("save_deployed() got a model with ACBlocks: deploy it first "
+        raise InputError("save_deployed() got a model with ACBlocks: deploy it first "
                          "(acnet.deploy(model)), then save")
     metadata = dict(metadata or {})
     if _ALIASES in metadata:
-        raise ValueError(f"metadata key {_ALIASES!r} is reserved by acnet")
+        raise InputError(f"metadata key {_ALIASES!r} is reserved by acnet")
     state, aliases = _unshare(model.state_dict())
     if aliases:
         metadata[_ALIASES] = json.dumps(aliases, sort_keys=True)
@@ -138,7 +139,12 @@ def load_deployed(path: str | os.PathLike, model: nn.Module | None = None, *,
         with safe_open(str(path), "pt") as f:
             aliases = json.loads((f.metadata() or {}).get(_ALIASES, "{}"))
     except Exception as exc:
-        raise CheckpointError(f"{path} is not a valid safetensors file ({exc})") from exc
+        raise CheckpointError(f"{path} is not a valid safetensors file ({first_line(exc)})"
+                              ) from exc
+    if not isinstance(aliases, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v in state for k, v in aliases.items()):
+        raise CheckpointError(f"{path}: its {_ALIASES!r} metadata is damaged (expected names of "
+                              f"stored tensors)")
     for name, target in aliases.items():
         state[name] = state[target]
     if model is None:

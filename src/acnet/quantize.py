@@ -23,6 +23,7 @@ from torch import nn
 
 from .data import DatasetNotFoundError
 from .data.loader import normalize
+from .errors import InputError, InputTypeError, require
 from .export import export_onnx
 from .runs import export_run, open_run
 from .train.data import in_memory_data, test_split
@@ -42,14 +43,9 @@ _ENTROPY_BINS = 2048  # histogram bins of the entropy (KL) threshold search, as 
 
 
 def _require_ort():
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime
-        from onnxruntime import quantization
-    except ImportError as exc:
-        raise ImportError("INT8 export needs onnx and onnxruntime, the 'export' extra: "
-                          "pip install 'acnet[export]'") from exc
-    return onnxruntime, quantization
+    require("onnx", "export", "INT8 export")
+    return (require("onnxruntime", "export", "INT8 export"),
+            require("onnxruntime.quantization", "export", "INT8 export"))
 
 
 def int8_path(onnx_path: str | os.PathLike) -> Path:
@@ -64,29 +60,29 @@ def calibration_array(data: Any, num_images: int | None = None) -> np.ndarray:
     iterable of batches (tensors, or ``(images, labels)`` pairs, as a DataLoader yields)."""
     if num_images is not None and (isinstance(num_images, bool) or not isinstance(num_images, int)
                                    or num_images < 1):
-        raise ValueError(f"num_images must be a positive integer or None, got {num_images!r}")
+        raise InputError(f"num_images must be a positive integer or None, got {num_images!r}")
     if isinstance(data, (torch.Tensor, np.ndarray)):
         batches: Iterable[Any] = [data]
     elif isinstance(data, Iterable):
         batches = data
     else:
-        raise TypeError(f"calibration data must be a tensor, an array or an iterable of batches, "
-                        f"got {type(data).__name__}")
+        raise InputTypeError(f"calibration data must be a tensor, an array or an iterable of "
+                             f"batches, got {type(data).__name__}")
     parts, seen = [], 0
     for batch in batches:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         x = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(
             x, dtype=np.float32)
         if x.ndim != 4:
-            raise ValueError(f"calibration batches must be (N, C, H, W), got shape {x.shape}")
+            raise InputError(f"calibration batches must be (N, C, H, W), got shape {x.shape}")
         parts.append(x[: None if num_images is None else num_images - seen])
         seen += len(parts[-1])
         if num_images is not None and seen >= num_images:
             break
     if seen == 0:
-        raise ValueError("no calibration images: the calibration data is empty")
+        raise InputError("no calibration images: the calibration data is empty")
     if num_images is not None and seen < num_images:
-        raise ValueError(f"asked for {num_images} calibration images, the data holds only {seen}")
+        raise InputError(f"asked for {num_images} calibration images, the data holds only {seen}")
     return np.ascontiguousarray(np.concatenate(parts).astype(np.float32, copy=False))
 
 
@@ -129,7 +125,7 @@ def _calibrate(model_path: Path, images: np.ndarray, input_name: str, method: st
 def _check_method(method: str) -> Any:
     _, q = _require_ort()
     if method not in CALIBRATION_METHODS:
-        raise ValueError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, "
+        raise InputError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, "
                          f"got {method!r}")
     return {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
             "percentile": q.CalibrationMethod.Percentile}[method]
@@ -152,7 +148,7 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     calib = _check_method(method)
     _, q = _require_ort()
     if not 0 < percentile <= 100:
-        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+        raise InputError(f"percentile must be in (0, 100], got {percentile}")
     images = calibration_array(calibration, num_images)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -211,7 +207,7 @@ def evaluate_onnx(path: str | os.PathLike, loader: Iterable[Any], *,
         correct += int((p == y).sum())
         total += len(y)
     if total == 0:
-        raise ValueError("the evaluation loader yielded no images")
+        raise InputError("the evaluation loader yielded no images")
     return OnnxEvaluation(correct / total, np.concatenate(preds))
 
 
@@ -219,7 +215,7 @@ def _run_data(cfg: Any, run: Path):
     """The run's in-memory dataset, training and test split limited as it was trained."""
 
     if cfg.dataset == "imagenet":
-        raise ValueError("INT8 export of an imagenet run needs your calibration loader: call "
+        raise InputError("INT8 export of an imagenet run needs your calibration loader: call "
                          "acnet.quantize.quantize_model(model, path, loader) in Python")
     try:
         return in_memory_data(cfg)
@@ -233,9 +229,9 @@ def sample_calibration_images(data: Any, num_images: int, seed: int = 0) -> torc
     ``seed``, normalized as the model sees them (no augmentation)."""
 
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"--calibration-images must be a positive integer, got {num_images!r}")
+        raise InputError(f"--calibration-images must be a positive integer, got {num_images!r}")
     if num_images > len(data.train_x):
-        raise ValueError(f"--calibration-images {num_images} is more than the run's "
+        raise InputError(f"--calibration-images {num_images} is more than the run's "
                          f"{len(data.train_x)} training images")
     idx = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed))
     mean = torch.tensor(data.mean).view(1, -1, 1, 1)
@@ -254,7 +250,7 @@ def export_int8_run(run_dir: str | os.PathLike, onnx_path: str | os.PathLike, *,
     _check_method(method)
     cfg, run = open_run(run_dir)
     if not run.is_dir():
-        raise ValueError(f"INT8 export needs a run directory (for its data), got {run}")
+        raise InputError(f"INT8 export needs a run directory (for its data), got {run}")
     data = _run_data(cfg, run)
     calib = sample_calibration_images(data, calibration_images, seed)
     exported = export_run(run, onnx_path)

@@ -12,10 +12,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ._text import first_line
 from .analysis import kernel_magnitude, plots, sparsity_study
 from .analysis.kernels import dominant_kernel_size
-from .convert import deploy
 from .data import DATASETS
+from .deploy import deploy
+from .errors import InputError, NonFiniteError
 from .evaluation import evaluate
 from .export import export_onnx
 from .io import CheckpointError, load_deployed
@@ -34,17 +36,50 @@ def open_run(path: str | os.PathLike) -> tuple[TrainConfig, Path]:
     if path.is_dir():
         return RunDir(path).read_config(), path
     if path.is_file() and path.suffix == ".safetensors":
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if "acnet_config" not in meta:
-            raise ValueError(f"{path} has no acnet config in its metadata; evaluate its run "
-                             f"directory instead")
-        return TrainConfig.from_dict(json.loads(meta["acnet_config"])), path
+        return _file_config(path), path
     raise FileNotFoundError(f"{path} is neither a run directory nor a .safetensors file")
 
 
+def _file_config(path: Path) -> TrainConfig:
+    """The training config stored in a deployed .safetensors file's metadata, checked."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own errors for damaged headers
+        raise CheckpointError(f"{path} is not a valid safetensors file ({first_line(exc)})"
+                              ) from exc
+    if "acnet_config" not in meta:
+        raise InputError(f"{path} has no acnet config in its metadata; evaluate its run "
+                         f"directory instead")
+    try:
+        raw = json.loads(meta["acnet_config"])
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: the acnet config in its metadata is not valid JSON "
+                         f"({exc})") from exc
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: the acnet config in its metadata is not a JSON object")
+    try:
+        cfg = TrainConfig.from_dict(raw)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path}: the acnet config in its metadata is not valid "
+                         f"({first_line(exc)})") from exc
+    missing = [k for k in ("model", "in_channels", "num_classes") if raw.get(k) is None]
+    if missing:
+        raise InputError(f"{path}: the acnet config in its metadata lacks "
+                         f"{', '.join(missing)}; it was not written by acnet train")
+    return cfg
+
+
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> nn.Module:
-    """``load_state_dict(strict=True)``; a mismatch is one clear CheckpointError."""
+    """``load_state_dict(strict=True)`` of finite weights; a mismatch is one clear
+    CheckpointError, NaN or infinite weights a NonFiniteError."""
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in state.values()
+              if isinstance(t, torch.Tensor) and t.is_floating_point())
+    if bad:
+        total = sum(t.numel() for t in state.values()
+                    if isinstance(t, torch.Tensor) and t.is_floating_point())
+        raise NonFiniteError(f"{source}: {bad} of {total} weights are not finite (NaN or "
+                             f"infinity); the model cannot be evaluated")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -95,7 +130,7 @@ def deploy_run(run_dir: str | os.PathLike) -> tuple[Path, Any, float]:
     the max |difference| between trained and deployed outputs on a random batch."""
     cfg, path = open_run(run_dir)
     if not path.is_dir():
-        raise ValueError(f"acnet deploy needs a run directory, got {path}")
+        raise InputError(f"acnet deploy needs a run directory, got {path}")
     trained = load_trained(path)
     deployed = deploy(trained)
     x = torch.randn(8, cfg.in_channels, cfg.input_size or 32, cfg.input_size or 32,
@@ -126,12 +161,12 @@ def evaluate_run(path: str | os.PathLike, *, dataset: str | None = None,
     default), optionally on another dataset of the same shape and under a transform."""
     cfg, _ = open_run(path)
     if dataset is not None and dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+        raise InputError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     cfg = dataclasses.replace(cfg, dataset=dataset or cfg.dataset,
                               data_dir=data_dir or cfg.data_dir)
     split = run_test_split(cfg, transform=transform, test_limit=test_limit, device=device)
     if split.in_channels != cfg.in_channels or split.num_classes != cfg.num_classes:
-        raise ValueError(f"{path} was trained on {cfg.in_channels}-channel images with "
+        raise InputError(f"{path} was trained on {cfg.in_channels}-channel images with "
                          f"{cfg.num_classes} classes; {cfg.dataset} has {split.in_channels} and "
                          f"{split.num_classes}")
     acc, _ = evaluate(load_deployed_model(path, device=device), split.loader)
@@ -143,7 +178,7 @@ def _check_output_file(path: str | os.PathLike, flag: str) -> Path:
     """An output file name, not a directory."""
     p = Path(path)
     if p.is_dir() or str(path).endswith((os.sep, "/")):
-        raise ValueError(f"{flag} {path} is a directory; give a file name, e.g. "
+        raise InputError(f"{flag} {path} is a directory; give a file name, e.g. "
                          f"{p / 'model.onnx'}")
     return p
 
@@ -164,7 +199,7 @@ def analyze_kernels(runs: list[str | os.PathLike], kernel_size: int | None = Non
     """Kernel magnitude matrix of each run (keyed by the run's path as given); optionally
     plotted (titled by directory name) and saved as JSON."""
     if kernel_size is not None and (isinstance(kernel_size, bool) or kernel_size < 2):
-        raise ValueError(f"--kernel-size must be an integer >= 2, got {kernel_size!r}")
+        raise InputError(f"--kernel-size must be an integer >= 2, got {kernel_size!r}")
     for run in runs:
         open_run(run)  # a clear error for a path that is not a run, before any work
     mats = {}
@@ -186,9 +221,9 @@ def analyze_sparsity(runs: list[str | os.PathLike], ratios: list[float], draws: 
     """Accuracy after zeroing kernel weights, per run and pattern; with ``figure``, the plot and
     ``figure``'s .json beside it."""
     if not ratios or any(not 0 <= r <= 1 for r in ratios):
-        raise ValueError(f"--ratios must be numbers in [0, 1], got {ratios!r}")
+        raise InputError(f"--ratios must be numbers in [0, 1], got {ratios!r}")
     if draws < 1:
-        raise ValueError(f"--draws must be >= 1, got {draws}")
+        raise InputError(f"--draws must be >= 1, got {draws}")
     for run in runs:
         open_run(run)
     results = {}

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..evaluation import count_params
 
 __all__ = ["count_macs", "count_params", "eval_mode", "latency_ratio", "time_interleaved"]
@@ -68,7 +69,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
     """Median seconds per call of each function, interleaved (each repeat runs every function
     once, in turn) after ``warmup`` rounds; synchronized around each call on CUDA."""
     if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+        raise InputError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     sync = _sync_for(torch.device(device))
     for _ in range(warmup):
         for f in fns.values():
@@ -94,10 +95,10 @@ def latency_ratio(models: dict[str, nn.Module], input_shape: tuple[int, ...], *,
     ``baseline`` defaults to the first model; every module's train/eval mode is restored.
     """
     if not models:
-        raise ValueError("latency_ratio needs at least one model")
+        raise InputError("latency_ratio needs at least one model")
     baseline = baseline or next(iter(models))
     if baseline not in models:
-        raise ValueError(f"baseline {baseline!r} is not one of {list(models)}")
+        raise InputError(f"baseline {baseline!r} is not one of {list(models)}")
     x = torch.randn(*input_shape, device=device)
 
     def call(m: nn.Module) -> Callable[[], object]:

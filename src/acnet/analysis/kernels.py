@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..block import ACBlock
-from ..convert import deploy
+from ..deploy import deploy
+from ..errors import InputError
 
 __all__ = ["kernel_magnitude", "sparsify", "pattern_mask", "PATTERNS", "square_convs",
            "dominant_kernel_size"]
@@ -41,7 +42,7 @@ def dominant_kernel_size(model: nn.Module) -> int:
         if d >= 2:
             sizes[d] = sizes.get(d, 0) + 1
     if not sizes:
-        raise ValueError("the model has no square conv with a kernel of 2x2 or larger")
+        raise InputError("the model has no square conv with a kernel of 2x2 or larger")
     return max(sizes, key=lambda k: (sizes[k], -k))
 
 
@@ -52,10 +53,10 @@ def kernel_magnitude(model: nn.Module, kernel_size: int = 3) -> torch.Tensor:
     baseline and ACNet kernels are compared in the same, inference-time form.
     """
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 2:
-        raise ValueError(f"kernel_size must be an int >= 2, got {kernel_size!r}")
+        raise InputError(f"kernel_size must be an int >= 2, got {kernel_size!r}")
     convs = square_convs(_deployed(model, fold_bn=True), kernel_size)
     if not convs:
-        raise ValueError(f"the model has no {kernel_size}x{kernel_size} conv")
+        raise InputError(f"the model has no {kernel_size}x{kernel_size} conv")
     mats = []
     for conv in convs:
         mag = conv.weight.detach().double().abs().sum((0, 1))
@@ -76,7 +77,7 @@ def pattern_mask(pattern: str, d: int) -> torch.Tensor:
     elif pattern == "global":
         mask[:] = True
     else:
-        raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
+        raise InputError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
     return mask
 
 
@@ -85,7 +86,7 @@ def sparsify(model: nn.Module, pattern: str, ratio: float, seed: int = 0, *,
     """A deployed copy of ``model`` with the fraction ``ratio`` of the weights at ``pattern``'s
     positions of every d×d kernel set to zero at random (same seed, same zeros)."""
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio <= 1:
-        raise ValueError(f"ratio must be in [0, 1], got {ratio!r}")
+        raise InputError(f"ratio must be in [0, 1], got {ratio!r}")
     mask = pattern_mask(pattern, kernel_size)
     out = _deployed(model, fold_bn=False)
     g = torch.Generator().manual_seed(seed)

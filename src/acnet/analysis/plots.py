@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..errors import require
 from .kernels import PATTERNS
 
 __all__ = ["LONG_TAG", "SHORT_TAG", "VARIANT_COLOURS", "VARIANT_STYLES", "heatmaps",
@@ -37,14 +38,8 @@ def _style(slug: str) -> tuple[str, str]:
 
 
 def _plt():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError("plots need matplotlib: pip install 'acnet[plot]'") from exc
-    return plt
+    require("matplotlib", "plot", "plots").use("Agg")
+    return require("matplotlib.pyplot", "plot", "plots")
 
 
 def _save(plt, fig, path: str | Path, title: str) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..data.loader import TRANSFORMS
+from ..errors import InputError
 from ..evaluation import evaluate
 from .kernels import PATTERNS, dominant_kernel_size, sparsify
 
@@ -20,7 +21,7 @@ def sparsity_study(model: nn.Module, test_loader, ratios: list[float], draws: in
     """Accuracy (mean, std over ``draws`` random masks) for each pattern and ratio, zeroing
     weights of the d×d kernels (d: the model's most common square kernel size by default)."""
     if draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}")
+        raise InputError(f"draws must be >= 1, got {draws}")
     d = kernel_size or dominant_kernel_size(model)
     out: dict[str, Any] = {}
     for pattern in patterns:

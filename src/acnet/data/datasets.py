@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ACNetError, InputError, require
 from .idx import read_idx
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic")
 FMNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(ACNetError, FileNotFoundError):
     """A dataset that is not on disk; the message says where acnet looked and how to get it."""
 
 
@@ -47,7 +48,7 @@ class ImageData:
         """The first ``train`` / ``test`` images (None keeps all)."""
         for what, n in (("train", train), ("test", test)):
             if n is not None and n < 1:
-                raise ValueError(f"--{what}-limit must be >= 1, got {n}")
+                raise InputError(f"--{what}-limit must be >= 1, got {n}")
         return ImageData(self.name, self.train_x[:train], self.train_y[:train],
                          self.test_x[:test], self.test_y[:test], self.num_classes, self.mean,
                          self.std, self.crop_padding, self.hflip)
@@ -127,10 +128,7 @@ def load_fashion_mnist(data_dir: str | None = None, download: bool = False, *,
 
 def load_cifar(name: str, data_dir: str | None = None, download: bool = False) -> ImageData:
     """CIFAR-10/100 through torchvision's reader (the python pickles it downloads)."""
-    try:
-        import torchvision
-    except ImportError as exc:
-        raise ImportError("CIFAR needs torchvision: pip install 'acnet[vision]'") from exc
+    torchvision = require("torchvision", "vision", "CIFAR")
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     root = data_dir or "data"
     try:
@@ -178,7 +176,7 @@ def load_dataset(name: str, data_dir: str | None = None, download: bool = False,
     (Fashion-MNIST); a ``data_dir`` that does not exist is an error for every dataset.
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise InputError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     check_data_dir(data_dir, download, name)
     if name == "fashion-mnist":
         return load_fashion_mnist(data_dir, download, train=train)
@@ -187,5 +185,5 @@ def load_dataset(name: str, data_dir: str | None = None, download: bool = False,
     if name == "synthetic":
         return synthetic()
     if name == "imagenet":
-        raise ValueError("imagenet is streamed from an ImageFolder: use acnet.data.folder")
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise InputError("imagenet is streamed from an ImageFolder: use acnet.data.folder")
+    raise InputError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

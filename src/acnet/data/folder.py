@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import require
 from .datasets import DatasetNotFoundError, check_data_dir
 from .loader import apply_transform
 
@@ -35,12 +36,9 @@ class FolderLoader:
 
 
 def _torchvision():
-    """torchvision's datasets and transforms, or an ImportError naming the extra."""
-    try:
-        from torchvision import datasets, transforms
-    except ImportError as exc:
-        raise ImportError("imagenet needs torchvision: pip install 'acnet[vision]'") from exc
-    return datasets, transforms
+    """torchvision's datasets and transforms, or an error naming the extra."""
+    return (require("torchvision.datasets", "vision", "imagenet"),
+            require("torchvision.transforms", "vision", "imagenet"))
 
 
 def _split_dir(root: str | None, split: str) -> Path:

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import InputError
+
 __all__ = ["read_idx"]
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -22,14 +24,14 @@ def read_idx(path: str | Path) -> torch.Tensor:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic {data[:4].hex()})")
+        raise InputError(f"{path} is not an IDX file (bad magic {data[:4].hex()})")
     ndim = data[3]
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     dtype = np.dtype(_DTYPES[data[2]])
     count = int(np.prod(dims))
     body = data[4 + 4 * ndim :]
     if len(body) != count * dtype.itemsize:
-        raise ValueError(f"{path} is truncated: expected {count * dtype.itemsize} bytes of data, "
+        raise InputError(f"{path} is truncated: expected {count * dtype.itemsize} bytes of data, "
                          f"found {len(body)}")
     arr = np.frombuffer(body, dtype=dtype).reshape(dims)
     return torch.from_numpy(arr.astype(dtype.newbyteorder("=")).copy())

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 __all__ = ["InMemoryLoader", "augment", "normalize", "apply_transform", "TRANSFORMS"]
 
 TRANSFORMS = ("none", "hflip", "vflip", "rot90")
@@ -49,7 +51,7 @@ def apply_transform(x: Tensor, transform: str) -> Tensor:
         return x.flip(2)
     if transform == "rot90":
         return torch.rot90(x, 1, (2, 3))
-    raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+    raise InputError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
 
 
 class InMemoryLoader:
@@ -60,7 +62,7 @@ class InMemoryLoader:
                  crop_padding: int = 0, hflip: bool = False, rank: int = 0, world: int = 1,
                  drop_last: bool | None = None, transform: str = "none") -> None:
         if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+            raise InputError(f"batch size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
@@ -78,7 +80,7 @@ class InMemoryLoader:
         self.epoch = 0
         n = len(self.images) // world if world > 1 else len(self.images)
         if self.drop_last and n < batch_size:
-            raise ValueError(f"batch size {batch_size * world} is larger than the {len(images)} "
+            raise InputError(f"batch size {batch_size * world} is larger than the {len(images)} "
                              f"training images")
         self.shard_size = n
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import InputError
+
 __all__ = ["ABLATION", "ACNET", "BASE", "CORNER", "LONG", "MAIN", "ONLINE", "RunSpec", "SHORT",
            "STUDY_PRESETS", "StudyPreset", "Variant", "legacy_name", "runs_of", "schedule_epochs",
            "tier"]
@@ -40,10 +42,10 @@ class StudyPreset:
 
     def __post_init__(self) -> None:
         if self.ablation_schedule not in ("main", "short"):
-            raise ValueError(f"ablation_schedule must be 'main' or 'short', got "
+            raise InputError(f"ablation_schedule must be 'main' or 'short', got "
                              f"{self.ablation_schedule!r}")
         if self.ablation_schedule == "short" and self.ablation_model not in self.short:
-            raise ValueError(f"ablation_schedule 'short' needs a short schedule for the "
+            raise InputError(f"ablation_schedule 'short' needs a short schedule for the "
                              f"ablation model {self.ablation_model!r}")
     int8: bool = False  # INT8 (onnxruntime) accuracy of the base, ACNet and online runs
 
@@ -180,7 +182,7 @@ def runs_of(preset: StudyPreset, seeds: tuple[int, ...] | None = None) -> list[R
     for s in specs:  # the ablation's base and ACNet are the same runs as the comparison's
         seen = unique.setdefault(s.name, s)
         if (seen.schedule, seen.config) != (s.schedule, s.config):
-            raise ValueError(f"preset {preset.name!r}: two different runs would share the "
+            raise InputError(f"preset {preset.name!r}: two different runs would share the "
                              f"directory {s.name!r} (a {seen.schedule} and a {s.schedule} "
                              f"schedule of the same epochs); give the schedules different "
                              f"epochs")

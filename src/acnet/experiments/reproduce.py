@@ -17,7 +17,8 @@ from ..analysis import kernel_magnitude, robustness, sparsity_study
 from ..analysis.cost import count_macs, count_params, latency_ratio
 from ..analysis.kernels import dominant_kernel_size
 from ..bench import bench_training, load_average, machine
-from ..convert import deploy
+from ..deploy import deploy
+from ..errors import InputError
 from ..io import save_json
 from ..runs import load_deployed_model, run_test_split
 from ..train import RunDir, TrainConfig, build_base_model, train
@@ -67,9 +68,9 @@ def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
     progress).
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+        raise InputError(f"jobs must be a positive integer, got {jobs!r}")
     if preset_name not in STUDY_PRESETS:
-        raise ValueError(f"unknown preset {preset_name!r}; choose one of "
+        raise InputError(f"unknown preset {preset_name!r}; choose one of "
                          f"{', '.join(STUDY_PRESETS)}")
     preset = STUDY_PRESETS[preset_name]
     out = Path(out)
@@ -81,7 +82,7 @@ def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
     else:
         runs = [s for s in runs if _run(out, s).finished]
         if not runs:
-            raise ValueError(f"no finished runs of preset {preset_name!r} in {out / 'runs'}")
+            raise InputError(f"no finished runs of preset {preset_name!r} in {out / 'runs'}")
     if analyze:
         results = analyze_runs(preset, out, runs, planned)
         results["command"] = command or f"acnet reproduce --preset {preset_name} --out {out}"

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ..errors import InputError, require
 from . import cifar
 
 __all__ = ["MODELS", "build_model", "check_model_name", "model_names"]
@@ -34,7 +35,7 @@ def _first_conv_to(model: nn.Module, in_channels: int) -> nn.Module:
             if m.in_channels == in_channels:
                 return model
             if m.groups != 1:
-                raise ValueError(f"cannot adapt grouped first conv {name} to {in_channels} inputs")
+                raise InputError(f"cannot adapt grouped first conv {name} to {in_channels} inputs")
             new = nn.Conv2d(in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
                             m.dilation, 1, m.bias is not None, m.padding_mode)
             parent, _, child = name.rpartition(".")
@@ -44,40 +45,32 @@ def _first_conv_to(model: nn.Module, in_channels: int) -> nn.Module:
 
 
 def _torchvision():
-    """torchvision, or an ImportError naming the extra."""
-    try:
-        import torchvision
-    except ImportError as exc:
-        raise ImportError("tv: models need torchvision: pip install 'acnet[vision]'") from exc
-    return torchvision
+    """torchvision, or an error naming the extra."""
+    return require("torchvision", "vision", "tv: models")
 
 
 def _timm():
-    """timm, or an ImportError naming the package."""
-    try:
-        import timm
-    except ImportError as exc:
-        raise ImportError("timm: models need timm: pip install timm") from exc
-    return timm
+    """timm, or an error naming the extra."""
+    return require("timm", "timm", "timm: models")
 
 
 def check_model_name(name: str) -> None:
     """Raise ValueError for a name :func:`build_model` cannot build (without building it)."""
     if not isinstance(name, str) or not name:
-        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+        raise InputError(f"model name must be a non-empty string, got {name!r}")
     if name in MODELS:
         return
     if name.startswith("tv:"):
         torchvision = _torchvision()
         available = torchvision.models.list_models(module=torchvision.models)
         if name[3:] not in available:
-            raise ValueError(f"unknown torchvision classification model {name[3:]!r}; "
+            raise InputError(f"unknown torchvision classification model {name[3:]!r}; "
                              f"e.g. {', '.join(available[:6])}, ...")
     elif name.startswith("timm:"):
         if not _timm().is_model(name[5:]):
-            raise ValueError(f"unknown timm model {name[5:]!r}")
+            raise InputError(f"unknown timm model {name[5:]!r}")
     else:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}, "
+        raise InputError(f"unknown model {name!r}; choose one of {', '.join(model_names())}, "
                          f"tv:NAME (torchvision) or timm:NAME")
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from ..convert import convert
+from ..errors import InputError
 from ..models import build_model, check_model_name
 
 __all__ = ["TrainConfig", "MODEL_DEFAULTS", "RUNTIME_FIELDS", "resolve", "build_training_model",
@@ -90,7 +91,7 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown config field(s) {sorted(unknown)}")
+            raise InputError(f"unknown config field(s) {sorted(unknown)}")
         return cls(**d)
 
 
@@ -100,26 +101,26 @@ def _positive_int(cfg: TrainConfig, name: str, optional: bool = False) -> None:
     if optional and v is None:
         return
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
 
 
 def _check_choices(cfg: TrainConfig) -> None:
     """Model name, block, position and device are known; ACB-only options need acb."""
     check_model_name(cfg.model)
     if cfg.block not in ("acb", "base"):
-        raise ValueError(f"--block must be 'acb' or 'base', got {cfg.block!r}")
+        raise InputError(f"--block must be 'acb' or 'base', got {cfg.block!r}")
     if cfg.position not in ("center", "corner"):
-        raise ValueError(f"--position must be 'center' or 'corner', got {cfg.position!r}")
+        raise InputError(f"--position must be 'center' or 'corner', got {cfg.position!r}")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
+        raise InputError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
     if cfg.block == "base" and cfg.gamma_init is not None:
-        raise ValueError(f"--gamma-init {cfg.gamma_init} sets the BN scale of ACBlocks: it needs "
+        raise InputError(f"--gamma-init {cfg.gamma_init} sets the BN scale of ACBlocks: it needs "
                          f"--block acb, got --block base")
     if not cfg.augment and cfg.dataset == "imagenet":
-        raise ValueError("--no-augment applies to the in-memory datasets; imagenet's training "
+        raise InputError("--no-augment applies to the in-memory datasets; imagenet's training "
                          "transforms are fixed (random resized crop and flip)")
     if cfg.branch_scale and (cfg.branch_bn or cfg.block != "acb"):
-        raise ValueError("--branch-scale (online ACB) needs --block acb and --no-branch-bn")
+        raise InputError("--branch-scale (online ACB) needs --block acb and --no-branch-bn")
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -130,13 +131,13 @@ def _check(cfg: TrainConfig) -> None:
         _positive_int(cfg, name, optional=True)
     _check_choices(cfg)
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
+        raise InputError(f"--lr must be a positive number, got {cfg.lr}")
     if not cfg.weight_decay >= 0:
-        raise ValueError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+        raise InputError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     if not 0 <= cfg.label_smoothing < 1:
-        raise ValueError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+        raise InputError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if cfg.warmup_epochs < 0 or (cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs):
-        raise ValueError(f"--warmup-epochs must be in [0, epochs), got {cfg.warmup_epochs}")
+        raise InputError(f"--warmup-epochs must be in [0, epochs), got {cfg.warmup_epochs}")
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -164,7 +165,7 @@ def settings_diff(mine: TrainConfig, theirs: TrainConfig) -> dict[str, tuple[Any
 def build_base_model(cfg: TrainConfig) -> nn.Module:
     """The deployable architecture (the model as built, before any ACB conversion)."""
     if cfg.in_channels is None or cfg.num_classes is None:
-        raise ValueError("config lacks in_channels/num_classes (not a finished acnet run config)")
+        raise InputError("config lacks in_channels/num_classes (not a finished acnet run config)")
     return build_model(cfg.model, in_channels=cfg.in_channels, num_classes=cfg.num_classes)
 
 

@@ -10,6 +10,7 @@ import torch
 from ..data import InMemoryLoader, load_dataset
 from ..data.datasets import ImageData
 from ..data.folder import imagenet_test_loader, imagenet_train_loader
+from ..errors import InputError
 from .config import TrainConfig
 
 __all__ = ["Split", "in_memory_data", "train_split", "test_split", "TEST_BATCH"]
@@ -41,7 +42,7 @@ def train_split(cfg: TrainConfig, device: torch.device, *, rank: int = 0, world:
     """The training loader of one rank (shuffled and augmented per epoch, seeded)."""
     per_rank = cfg.batch_size // world
     if per_rank < 1:
-        raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the {world} ranks")
+        raise InputError(f"--batch-size {cfg.batch_size} is smaller than the {world} ranks")
     if cfg.dataset == "imagenet":
         loader, classes, n = imagenet_train_loader(
             cfg.data_dir, cfg.batch_size, device=device, workers=cfg.workers, rank=rank,
@@ -49,7 +50,7 @@ def train_split(cfg: TrainConfig, device: torch.device, *, rank: int = 0, world:
         return Split(loader, 3, classes, cfg.image_size, n)
     data = data or in_memory_data(cfg)
     if cfg.batch_size > len(data.train_x):
-        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the "
+        raise InputError(f"--batch-size {cfg.batch_size} is larger than the "
                          f"{len(data.train_x)} training images")
     loader = InMemoryLoader(data.train_x, data.train_y, per_rank, train=True, seed=cfg.seed,
                             crop_padding=data.crop_padding if cfg.augment else 0,

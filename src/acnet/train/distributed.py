@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import InputError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DistInfo", "setup", "teardown", "average_bn_stats", "ranks_agree", "barrier",
@@ -38,7 +40,7 @@ def _device(requested: str, local_rank: int) -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda was requested but no CUDA device is available")
+            raise InputError("--device cuda was requested but no CUDA device is available")
         if requested == "cuda":
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device(requested)

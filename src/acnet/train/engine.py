@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert import deploy
+from ..deploy import deploy
+from ..errors import InputError, NonFiniteError
 from ..evaluation import compare_models, count_params, evaluate
 from ..io import CheckpointError
 from . import distributed as dist_utils
@@ -129,7 +130,7 @@ def _build_model(cfg: TrainConfig, info: dist_utils.DistInfo) -> nn.Module:
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and info.enabled:
         if info.device.type == "cpu":
-            raise ValueError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm does not run on CPU); "
+            raise InputError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm does not run on CPU); "
                              "without it BN statistics are averaged across ranks before "
                              "evaluation and deployment")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -220,9 +221,9 @@ def eager_ceil_mode_avg_pools(model: nn.Module) -> None:
         torch._dynamo.disallow_in_graph(F.avg_pool2d)
 
 
-def _diverged(epoch: int, why: str) -> FloatingPointError:
+def _diverged(epoch: int, why: str) -> NonFiniteError:
     """The one-line error of a diverged run."""
-    return FloatingPointError(f"training diverged at epoch {epoch + 1} ({why}); lower --lr")
+    return NonFiniteError(f"training diverged at epoch {epoch + 1} ({why}); lower --lr")
 
 
 def _check_diverged(r: _Run, loss: float, epoch: int) -> None:

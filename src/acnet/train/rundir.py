@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import InputError, NonFiniteError
 from ..io import (
     CheckpointError,
     atomic_write_bytes,
@@ -30,7 +31,7 @@ TENSORBOARD = "tb"
 CACHES = ("robustness", "sparsity")  # analysis results kept beside a run (``<name>.json``)
 
 
-class RunDirError(ValueError):
+class RunDirError(InputError):
     """The output directory cannot be used as asked (exists without --resume, unwritable...)."""
 
 
@@ -39,7 +40,7 @@ def _dumps(obj: Any) -> str:
     try:
         return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
     except ValueError as exc:
-        raise FloatingPointError(f"refusing to write a non-finite number to JSON ({exc})") from exc
+        raise NonFiniteError(f"refusing to write a non-finite number to JSON ({exc})") from exc
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -52,7 +53,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
+        raise InputError(f"{path} is not valid JSON ({exc})") from exc
 
 
 class RunDir:
@@ -128,7 +129,7 @@ class RunDir:
         try:
             return TrainConfig.from_dict(json.loads(self.config_file.read_text()))
         except (json.JSONDecodeError, TypeError) as exc:
-            raise ValueError(f"{self.config_file} is not a valid acnet config ({exc})") from exc
+            raise InputError(f"{self.config_file} is not a valid acnet config ({exc})") from exc
 
     def write_config(self, cfg: TrainConfig) -> None:
         """Write config.json."""
@@ -200,7 +201,7 @@ class RunDir:
     def _cache_file(self, name: str) -> Path:
         """The file of analysis cache ``name``."""
         if name not in CACHES:
-            raise ValueError(f"unknown run cache {name!r}; choose one of {CACHES}")
+            raise InputError(f"unknown run cache {name!r}; choose one of {CACHES}")
         return self.path / f"{name}.json"
 
     def read_cache(self, name: str) -> Any | None:

@@ -1,0 +1,198 @@
+"""deploy(): every ACBlock back to one conv, every absorbed norm back in its slot."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from . import fusion, norms
+from ._pairing import find_pairs
+from ._surgery import (
+    ConversionReport,
+    copy_model,
+    freeze_like,
+    replace_module,
+    self_fusing_ancestor,
+    unwrap,
+)
+from .block import ACBlock
+from .convert import AbsorbedBatchNorm
+
+log = logging.getLogger(__name__)
+
+__all__ = ["deploy", "NormActTail"]
+
+
+class NormActTail(nn.Module):
+    """The drop and activation of a norm+act layer (timm's BatchNormAct2d) whose BN was folded.
+
+    ``deploy(fold_bn=True)`` puts it in the layer's slot, so the activation is never lost.
+    """
+
+    def __init__(self, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
+
+
+def _bn_tail(slot: nn.Module) -> nn.Module:
+    """What replaces a norm slot (a norm or an AbsorbedBatchNorm) once the norm is folded into
+    the conv before it: its drop + activation (norm+act layers), else Identity."""
+    act = slot.has_act if isinstance(slot, AbsorbedBatchNorm) else norms.has_act(slot)
+    return NormActTail(slot.drop, slot.act) if act else nn.Identity()
+
+
+def _fused_conv(block: ACBlock, kernel: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
+    """The deployed conv of ``block``: its geometry, the given weights, the square conv's mode."""
+    conv = block.new_conv(bias=bias is not None)
+    with torch.no_grad():
+        conv.weight.copy_(kernel)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    square = block.fused_conv if block.is_fused else block.square_conv
+    freeze_like(conv, square.weight.requires_grad, square.training)
+    return conv
+
+
+def _main_bn(block: ACBlock) -> nn.Module | None:
+    """The norm whose mode and trainability a restored norm takes (the square branch's)."""
+    if block.is_fused:
+        return None
+    return block.square_bn if block.branch_bn else block.bn
+
+
+def _nearest_slot(name: str, pid: str | None, slots: dict[str, list[str]]) -> str | None:
+    """The AbsorbedBatchNorm slot of ``pid`` that shares the longest name prefix with ``name``.
+
+    Copies of a converted sub-network share pair ids; each block's own slot is the one in its
+    copy, i.e. the nearest in the module tree.
+    """
+    if pid is None or not slots.get(pid):
+        return None
+    parts = name.split(".")
+
+    def shared(slot: str) -> int:
+        n = 0
+        for a, b in zip(parts, slot.split(".")):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    best = max(slots[pid], key=shared)
+    slots[pid].remove(best)
+    return best
+
+
+def _restore_bn(model: nn.Module, block: ACBlock, slot: str, kernel: torch.Tensor,
+                bias: torch.Tensor) -> tuple[nn.Conv2d, nn.Module]:
+    """Deployed form with the original tree: (fused conv, a norm of the original class for the
+    slot, set to add ``bias``)."""
+    absorbed: AbsorbedBatchNorm = model.get_submodule(slot)
+    ref = next(block.parameters())
+    bn = absorbed.make_bn(ref.device, ref.dtype)
+    affine = getattr(bn, "affine", True)
+    mean, var, weight, shift, scale = fusion.bn_identity_params(bias, bn.eps, affine)
+    with torch.no_grad():
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        if affine:
+            bn.weight.copy_(weight)
+            bn.bias.copy_(shift)
+    main = _main_bn(block)
+    bn.train(block.training if main is None else main.training)
+    trainable = (isinstance(getattr(bn, "weight", None), nn.Parameter) and main is not None
+                 and isinstance(getattr(main, "weight", None), nn.Parameter))
+    if trainable:
+        bn.weight.requires_grad_(main.weight.requires_grad)
+        bn.bias.requires_grad_(main.bias.requires_grad)
+    conv_bias = torch.zeros_like(bias) if block.acnet_conv_bias else None
+    return _fused_conv(block, kernel * scale.view(-1, 1, 1, 1), conv_bias), bn
+
+
+def _deploy_block(model: nn.Module, block: ACBlock, slot: str | None, fold_bn: bool
+                  ) -> tuple[str, str]:
+    """Replace one block (in every slot that holds it) by its deployed form; (action, detail)."""
+    kernel, bias = block.fused_weights()
+    if slot is not None and not fold_bn:
+        absorbed = model.get_submodule(slot)
+        conv, bn = _restore_bn(model, block, slot, kernel, bias)
+        replace_module(model, block, conv)
+        replace_module(model, absorbed, bn)
+        return "fused", f"{slot} restored as {type(bn).__name__}"
+    replace_module(model, block, _fused_conv(block, kernel, bias))
+    if slot is not None:
+        absorbed = model.get_submodule(slot)
+        replace_module(model, absorbed, _bn_tail(absorbed))
+        return "fused", f"{slot} folded into the conv bias"
+    if block.acnet_conv_bias:
+        return "fused", ""
+    return "bias-added", "the original conv had neither bias nor BatchNorm: a bias was added"
+
+
+def deploy(model: nn.Module, *, inplace: bool = False, fold_bn: bool = False) -> nn.Module:
+    """Fuse every :class:`~acnet.ACBlock` into one conv and restore the norms convert() absorbed.
+
+    The result has the original module tree, classes (frozen norms included) and state_dict
+    keys. ``fold_bn=True`` gives the minimal form instead: every conv→BN pair (converted or
+    not) becomes one conv with bias, and a norm+act layer (timm's BatchNormAct2d) keeps its
+    activation. Training modes and ``requires_grad`` are kept. The report is
+    ``result.acnet_report``.
+    """
+    model = unwrap(model, "deploy")
+    if not inplace:
+        model = copy_model(model, "deploy")
+    report = ConversionReport("deploy")
+    slots: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, AbsorbedBatchNorm):
+            slots.setdefault(m.pair_id, []).append(name)
+    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, ACBlock)]
+    top = [(n, m) for n, m in blocks if not any(n.startswith(o + ".") for o, _ in blocks)]
+    for name, block in top:
+        slot = _nearest_slot(name, block.acnet_pair_id, slots)
+        report.add(name, *_deploy_block(model, block, slot, fold_bn))
+    for pid, left in slots.items():
+        for slot in left:
+            report.notes.append(f"{slot}: an absorbed BatchNorm whose ACBlock is gone "
+                                f"(pair {pid[:8]}); left as is")
+    if fold_bn:
+        _fold_plain_pairs(model, report)
+    model.acnet_report = report
+    log.debug("%s", report)
+    return model
+
+
+def _fold_plain_pairs(model: nn.Module, report: ConversionReport) -> None:
+    """Fold every remaining Conv2d → norm pair into one conv with bias."""
+    modules = dict(model.named_modules())
+    names = {n for n, m in modules.items() if type(m) is nn.Conv2d and not m._forward_hooks
+             and not m._forward_pre_hooks and self_fusing_ancestor(n, modules) is None}
+    if not names:
+        return
+    pairing = find_pairs(model, names)
+    for name in sorted(names, key=list(modules).index):
+        use = pairing.uses.get(name)
+        if use is None or use.bn is None or use.skip:
+            continue
+        conv, bn = modules[name], modules[use.bn]
+        with torch.no_grad():
+            scale, shift = norms.scale_shift([bn], torch.float64)
+            k = conv.weight.double() * scale[0].view(-1, 1, 1, 1)
+            b = shift[0] if conv.bias is None else shift[0] + conv.bias.double() * scale[0]
+        new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                        conv.padding, conv.dilation, conv.groups, bias=True,
+                        padding_mode=conv.padding_mode, device=conv.weight.device,
+                        dtype=conv.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(k)
+            new.bias.copy_(b)
+        freeze_like(new, conv.weight.requires_grad, conv.training)
+        replace_module(model, conv, new)
+        replace_module(model, bn, _bn_tail(bn))
+        report.add(name, "folded", f"{use.bn} folded into the conv")

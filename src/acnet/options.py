@@ -1,0 +1,96 @@
+"""The ACB options, defined once: ACBlock, convert(), TrainConfig and the CLI derive from here."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InputError, InputTypeError
+
+__all__ = ["ACBOptions", "PRESERVE_OPTIONS", "FRESH_OPTIONS", "TRAIN_OPTIONS", "BRANCH_INITS",
+           "check_convert_options"]
+
+# how the new branches of convert(preserve=True) start: "zero" (they add nothing: the official
+# repo's single_init), "small" (random kernels at a small scale, the square kernel reduced by
+# their sum: DyRep's way; the eval-mode function is the same either way)
+BRANCH_INITS = ("zero", "small")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class ACBOptions:
+    """How an ACBlock is built beyond its conv geometry; validated on construction."""
+
+    horizontal: bool = field(default=True, metadata=_help("the 1xd branch"))
+    vertical: bool = field(default=True, metadata=_help("the dx1 branch"))
+    branch_bn: bool = field(default=True, metadata=_help(
+        "a BatchNorm per branch (False: one BN after the summed kernels)"))
+    branch_scale: bool = field(default=False, metadata=_help(
+        "online ACB: a learnable per-channel scale per branch (needs branch_bn=False)"))
+    position: str = field(default="center", metadata=_help(
+        "where the 1xd / dx1 kernels sit: 'center' (the skeleton) or 'corner'"))
+    gamma_init: float | None = field(default=None, metadata=_help(
+        "initial BN scale of every branch (or of the branch scales); None: 1"))
+    affine: bool = field(default=True, metadata=_help("BatchNorms with affine parameters"))
+    eps: float = field(default=1e-5, metadata=_help("BatchNorm eps"))
+    momentum: float | None = field(default=0.1, metadata=_help("BatchNorm momentum"))
+
+    def __post_init__(self) -> None:
+        for name in ("horizontal", "vertical", "branch_bn", "branch_scale", "affine"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise InputTypeError(f"{name} must be a bool, got {value!r}")
+        if self.position not in ("center", "corner"):
+            raise InputError(f"position must be 'center' or 'corner', got {self.position!r}")
+        if self.branch_scale and self.branch_bn:
+            raise InputError("branch_scale=True needs branch_bn=False (the scales replace the "
+                             "branch BatchNorms), got branch_bn=True")
+        g = self.gamma_init
+        if g is not None:
+            if isinstance(g, bool) or not isinstance(g, (int, float)):
+                raise InputTypeError(f"gamma_init must be a float or None, got {g!r}")
+            if not math.isfinite(g):
+                raise InputError(f"gamma_init must be finite, got {g}")
+            if not self.affine and not self.branch_scale:
+                raise InputError("gamma_init needs affine=True (a BN without affine has no "
+                                 "scale)")
+        eps = self.eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise InputError(f"eps must be a positive float, got {eps!r}")
+        m = self.momentum
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float))
+                              or not 0 <= m <= 1):
+            raise InputError(f"momentum must be None or in [0, 1], got {m!r}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """Every option name, in definition order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def kwargs(self, names: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """The options as ACBlock keyword arguments (all, or those in ``names``)."""
+        return {n: getattr(self, n) for n in (names or self.names())}
+
+
+# what convert(preserve=True) may set: the weights come from the model, so the BN settings
+# (gamma_init, affine, eps, momentum) are the absorbed BN's own
+PRESERVE_OPTIONS = ("horizontal", "vertical", "branch_bn", "branch_scale", "position")
+FRESH_OPTIONS = ACBOptions.names()
+# the options a training run sets (TrainConfig fields of the same names; the CLI's ablation)
+TRAIN_OPTIONS = PRESERVE_OPTIONS + ("gamma_init",)
+
+
+def check_convert_options(preserve: bool, options: dict[str, Any]) -> ACBOptions:
+    """Validate convert()'s ``**acb_options``: known names for the mode, valid values."""
+    allowed = PRESERVE_OPTIONS if preserve else FRESH_OPTIONS
+    bad = set(options) - set(allowed)
+    if bad:
+        hint = " (only with preserve=False)" if bad <= set(FRESH_OPTIONS) else ""
+        raise InputTypeError(f"convert() got unsupported ACBlock option(s) {sorted(bad)}{hint}; "
+                        f"allowed: {sorted(allowed)}")
+    return ACBOptions(**options)
