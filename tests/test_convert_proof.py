@@ -272,3 +272,185 @@ def test_untraceable_code_with_given_inputs_still_converts_everything_provable()
     report = {r.name: r.detail for r in out.acnet_report.layers}
     assert "graph of a" in report["a.0"] and "given inputs" in report["conv"]
     _same_in_both_modes(model, out, x)
+
+
+# ---------------------------------------------------------------- found by trying it as a user
+def test_each_norm_follows_its_own_mode_not_the_blocks():
+    """A conv in eval mode before a BN in training mode (and the AdaBN habit: model.eval(),
+    then every BN .train()): the block must normalize with batch statistics."""
+    torch.manual_seed(0)
+    m = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))).train()
+    m[0].eval()
+    c = _convert(m)
+    x = torch.randn(4, 3, 8, 8)
+    a, b = copy.deepcopy(m), copy.deepcopy(c)
+    assert rel_err(b(x), a(x)) <= TOL
+    moved = b[0].square_bn.running_mean + m[0].bias.detach()  # convert folds the conv bias in
+    assert torch.allclose(moved, a[1].running_mean, atol=1e-6)
+    orig = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)))
+    ada = _convert(orig)
+    for model in (orig, ada):  # test-time adaptation: eval mode, BatchNorms on batch statistics
+        model.eval()
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.train()
+    with torch.no_grad():
+        assert rel_err(ada(x), orig(x)) <= TOL
+
+
+def test_frozen_norms_in_a_training_model_take_the_one_conv_path():
+    torch.manual_seed(0)
+    block = randomize_bn(ACBlock(3, 4, 3, padding=1)).train()
+    for bn in block.batch_norms():
+        bn.eval()
+    x = torch.randn(2, 3, 8, 8)
+    ref = copy.deepcopy(block)
+    ref.fast_eval = False
+    assert rel_err(block(x), ref(x)) <= TOL
+    block(x).sum().backward()
+    ref(x).sum().backward()
+    for p, q in zip(block.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+
+
+class _TiedBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b2.weight, self.b2.bias = self.b1.weight, self.b1.bias  # shared affine parameters
+
+    def forward(self, x):
+        return self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+
+
+def test_batchnorm_parameters_shared_between_layers_are_not_split():
+    torch.manual_seed(0)
+    model = randomize_bn(_TiedBN())
+    c = _convert(model)
+    assert "shares a tensor with" in c.acnet_report.skipped["c1"]
+    x = torch.randn(4, 3, 8, 8)
+    for m in (model, c):
+        torch.manual_seed(0)
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        for _ in range(3):
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+    with torch.no_grad():
+        assert rel_err(c.eval()(x), model.eval()(x)) <= 1e-4
+        stock = _TiedBN()
+        stock.load_state_dict(acnet.deploy(c).state_dict())
+        assert rel_err(stock.eval()(x), c(x)) <= 1e-4
+
+
+def test_bare_conv_and_bare_block_convert_and_deploy():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    block = _convert(conv)
+    assert isinstance(block, ACBlock) and block.acnet_report.converted == ["(root)"]
+    with torch.no_grad():
+        block.hor_bn.weight.fill_(0.5)
+    back = acnet.deploy(block.eval())
+    assert type(back) is nn.Conv2d and back.acnet_report.names("fused") == ["(root)"]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(back(x), block(x)) <= TOL
+
+
+class _KeepsRaw(nn.Module):
+    """Keeps the raw conv output in a list, a dict, or through a hooked wrapper."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.wrap = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False))
+        self.bn = nn.BatchNorm2d(4)
+        self.feats: list = []
+        self.cache: dict = {}
+        self.seen: list = []
+        if how == "hook":
+            self.wrap.register_forward_hook(lambda _m, _a, o: self.seen.append(o))
+
+    def forward(self, x):
+        y = self.wrap(x)
+        if self.how == "list":
+            self.feats.append(y)
+        elif self.how == "dict":
+            self.cache["pre_bn"] = y
+        return self.bn(y)
+
+
+@pytest.mark.parametrize("how", ["list", "dict", "hook"])
+def test_raw_conv_outputs_kept_by_user_code_are_never_changed(how):
+    torch.manual_seed(0)
+    model = randomize_bn(_KeepsRaw(how)).eval()
+    out = _convert(model)
+    assert isinstance(out.bn, nn.BatchNorm2d), str(out.acnet_report)
+    assert model.feats == [] and model.cache == {}  # tracing left nothing behind
+
+
+class _ReadsWeights(nn.Module):
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+        self.c, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.b(self.c(x))
+        if self.what == "bn":
+            return y * self.b.weight.abs().mean()
+        return y + F.conv2d(x, self.c.weight, padding=1)
+
+
+@pytest.mark.parametrize("what", ["bn", "conv"])
+def test_forward_reading_weights_directly_is_skipped(what):
+    torch.manual_seed(0)
+    model = randomize_bn(_ReadsWeights(what)).eval()
+    out = _convert(model)
+    assert "directly" in out.acnet_report.skipped["c"]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(out(x), model(x)) <= TOL
+
+
+def test_global_forward_hooks_block_every_pairing():
+    handle = nn.modules.module.register_module_forward_hook(lambda _m, _a, o: None)
+    try:
+        out = _convert(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)))
+    finally:
+        handle.remove()
+    assert "global module forward hooks" in out.acnet_report.skipped["0"]
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: acnet.convert(m, inplace="False"), "inplace must be a bool"),
+    (lambda m: acnet.deploy(m, fold_bn="no"), "fold_bn must be a bool"),
+    (lambda m: acnet.deploy(m, inplace=1), "inplace must be a bool"),
+    (lambda m: ACBlock(3, 4, 3, padding=(1, 1, 1)), "pair of ints"),
+    (lambda m: ACBlock(3, 4, (3, 3, 3)), "pair of ints"),
+    (lambda m: ACBlock(3, 4, 3, dtype=torch.long), "floating-point"),
+    (lambda m: acnet.convert(m, preserve=False, eps=float("inf")), "eps"),
+])
+def test_bad_flags_and_arguments_are_clear_errors(call, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        call(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+
+
+def test_deploy_keeps_settings_changed_after_convert_and_syncbn_stays_sync():
+    c = _convert(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)))
+    c[0].square_bn.momentum, c[0].square_bn.eps = 0.01, 1e-3
+    dep = acnet.deploy(c)
+    assert (dep[1].momentum, dep[1].eps) == (0.01, 1e-3)
+    s = _convert(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SyncBatchNorm(4)))
+    assert all(type(bn) is nn.SyncBatchNorm for bn in s[0].batch_norms())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(acnet.deploy(s.eval())(x), s(x)) <= TOL
+
+
+def test_channels_last_models_deploy_channels_last_kernels():
+    c = _convert(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)))
+    c = c.to(memory_format=torch.channels_last)
+    dep = acnet.deploy(c.eval())
+    assert dep[0].weight.is_contiguous(memory_format=torch.channels_last)

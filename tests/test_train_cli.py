@@ -143,7 +143,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     (["--epochs", "0"], "positive integer"),
     (["--epochs", "-3"], "positive integer"),
     (["--batch-size", "5000", "--train-limit", "100"], "larger than the 100 training images"),
-    (["--lr", "-1"], "--lr must be"),
+    (["--lr", "-1"], "lr must be a positive number, got -1.0 (set by --lr)"),
 ])
 def test_bad_input_one_line_nonzero_exit(tmp_path, args, message):
     base = ["--model", "cifar_quick", "--dataset", "synthetic", "--epochs", "1", "--quiet"]
@@ -334,7 +334,7 @@ def test_eval_uses_the_runs_test_limit(tiny_run, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--block", "base", "--gamma-init", "0.5"], "--gamma-init"),
     (["--branch-scale"], "--no-branch-bn"),
-    (["--block", "base", "--no-branch-bn", "--branch-scale"], "--block acb"),
+    (["--block", "base", "--no-branch-bn", "--branch-scale"], "block='acb'"),
 ])
 def test_options_that_do_not_apply_are_refused(tmp_path, capsys, args, message):
     rc, _, err = run_main(capsys, "train", *TINY, *args, "--out", tmp_path / "x")

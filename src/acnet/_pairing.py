@@ -12,6 +12,7 @@ cannot be proven is reported as a skip, never guessed.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -54,8 +55,60 @@ class Pairing:
 
 
 class _Tracer(torch.fx.Tracer):
+    """Traces through user modules, except norms, ACBlocks and modules with forward hooks: a
+    hooked module stays one call, so a conv inside it whose output its hooks may read is never
+    paired from outside (its own graph, traced separately, pairs what stays inside)."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, ACBlock) or is_norm(m) or super().is_leaf_module(m, qualname)
+        hooked = bool(m._forward_hooks or m._forward_pre_hooks) and bool(qualname)
+        return (isinstance(m, ACBlock) or is_norm(m) or hooked
+                or super().is_leaf_module(m, qualname))
+
+
+def _has_proxy(value: Any, depth: int = 0) -> bool:
+    """True if ``value`` is an fx Proxy or a container holding one (a traced value stored)."""
+    if isinstance(value, torch.fx.Proxy):
+        return True
+    if depth > 3:
+        return False
+    if isinstance(value, dict):
+        return any(_has_proxy(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple, set)):
+        return any(_has_proxy(v, depth + 1) for v in value)
+    return False
+
+
+def _snapshot(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]:
+    """Each module's attributes, with shallow copies of its containers, to undo tracing."""
+    out = []
+    for m in module.modules():
+        attrs = dict(m.__dict__)
+        copies = {k: copy.copy(v) for k, v in attrs.items() if isinstance(v, (list, dict, set))}
+        out.append((m, attrs, copies))
+    return out
+
+
+def _restore(saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]) -> bool:
+    """Undo what forward stored while tracing; True if it stored a traced value somewhere."""
+    leaked = False
+    for m, before, copies in saved:
+        for k in list(m.__dict__):
+            v = m.__dict__[k]
+            if not _has_proxy(v):
+                continue
+            leaked = True
+            if k not in before:
+                del m.__dict__[k]
+            elif k in copies and before[k] is v:  # a container mutated in place
+                old = copies[k]
+                if isinstance(v, list):
+                    v[:] = old
+                else:
+                    v.clear()
+                    v.update(old)
+            else:
+                m.__dict__[k] = before[k]
+    return leaked
 
 
 # ------------------------------------------------------------------------ modes
@@ -90,21 +143,13 @@ def _trace(module: nn.Module) -> torch.fx.Graph | str:
     Attributes that forward stores on modules while tracing are put back; a traced value
     stored that way would escape the graph, so such a graph is not trusted.
     """
-    saved = [(m, dict(m.__dict__)) for m in module.modules()]
+    saved = _snapshot(module)
     try:
         graph = _Tracer().trace(module)
     except Exception as exc:  # any tracing failure means: prove pairings another way
         graph = first_line(exc, 200)
-    leaked = False
-    for m, before in saved:
-        for k in [k for k, v in m.__dict__.items() if isinstance(v, torch.fx.Proxy)]:
-            leaked = True
-            if k in before:
-                m.__dict__[k] = before[k]
-            else:
-                del m.__dict__[k]
-    if leaked and not isinstance(graph, str):
-        return "forward stores a traced value as a module attribute"
+    if _restore(saved) and not isinstance(graph, str):
+        return "forward stores a traced value on a module (an attribute, list or dict)"
     return graph
 
 
@@ -119,6 +164,7 @@ def _graph_uses(graph: torch.fx.Graph, root: nn.Module, prefix: str, names: set[
     modules = dict(root.named_modules())
     full = (lambda t: f"{prefix}.{t}") if prefix else (lambda t: t)  # noqa: E731
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    reads = [n.target for n in graph.nodes if n.op == "get_attr"]
     out: dict[str, ConvUse] = {}
     for node in graph.nodes:
         if node.op != "call_module" or full(node.target) not in names:
@@ -127,7 +173,11 @@ def _graph_uses(graph: torch.fx.Graph, root: nn.Module, prefix: str, names: set[
         if not closed and any(u.op == "output" for u in users):
             continue
         use = out[full(node.target)] = ConvUse(how=how)
-        if calls[node.target] > 1:
+        read = next((r for r in reads if r.startswith(f"{node.target}.")), None)
+        if read is not None:
+            use.skip = (f"forward reads its {read.rsplit('.', 1)[-1]} directly, which a block "
+                        f"would not have")
+        elif calls[node.target] > 1:
             use.skip = f"module is called {calls[node.target]} times in forward"
         elif len(users) > 1:
             norms = [u.target for u in users
@@ -136,6 +186,10 @@ def _graph_uses(graph: torch.fx.Graph, root: nn.Module, prefix: str, names: set[
                 use.skip = f"its output goes to {full(norms[0])} and elsewhere ({len(users)} uses)"
         elif len(users) == 1:
             _single_user(users[0], modules[node.target], modules, calls, full, use)
+        bn_read = use.bn and next((r for r in reads if full(r).startswith(f"{use.bn}.")), None)
+        if bn_read:
+            use.bn, use.skip = None, (f"forward reads {full(bn_read)} directly, which absorbing "
+                                      f"its BatchNorm would remove")
     return out
 
 
@@ -211,6 +265,12 @@ def _agree(name: str, per_mode: list[tuple[str, ConvUse]]) -> ConvUse:
 def find_pairs(model: nn.Module, names: set[str], example_inputs: Any = None) -> Pairing:
     """For each conv named in ``names``: the BN it alone feeds, or a proven reason to skip it."""
     out = Pairing()
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        for name in names:
+            out.uses[name] = ConvUse(skip="global module forward hooks are registered (they may "
+                                          "read any conv's output)")
+        return out
     modes = _modes(model)
     found: dict[str, list[tuple[str, ConvUse]]] = {n: [] for n in names}
     failed: str | None = None

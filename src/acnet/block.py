@@ -35,6 +35,8 @@ class Branch(NamedTuple):
 
 def _ints(name: str, value: Any, minimum: int) -> None:
     """``value`` is an int >= ``minimum``, or a pair of them (nn.Conv2d's messages name neither)."""
+    if isinstance(value, (tuple, list)) and len(value) != 2:
+        raise InputError(f"{name} must be an int or a pair of ints, got {value!r}")
     for v in value if isinstance(value, (tuple, list)) else (value,):
         if isinstance(v, bool) or not isinstance(v, int):
             raise InputTypeError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -66,9 +68,10 @@ class ACBlock(nn.Module):
     with ``branch_scale=True`` each branch kernel is first multiplied by a learnable
     per-output-channel scale (``square_scale``, ``hor_scale``, ``ver_scale``, initialised to
     ``gamma_init`` or 1; ``bn`` keeps weight 1): the "online" ACB, one conv per training step.
-    ``fast_eval`` (default True): in eval mode fold the BatchNorms into one kernel on every call
-    (a few small ops, nothing cached, so it always reflects the current weights, however they
-    were changed) and run one conv; False runs the branches one by one.
+    ``fast_eval`` (default True): whenever every norm of the block uses running statistics (eval
+    mode, or frozen norms in training), fold them into one kernel on every call (a few small
+    ops, nothing cached, so it always reflects the current weights, however they were changed)
+    and run one conv; False runs the branches one by one. Each norm follows its own mode.
     """
 
     __jit_unused_properties__ = ["is_fused"]
@@ -110,6 +113,8 @@ class ACBlock(nn.Module):
             _ints(name, value, minimum)
         if not isinstance(padding, str):
             _ints("padding", padding, 0)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise InputTypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         if in_channels % groups or out_channels % groups:
             raise InputError(f"groups={groups} must divide in_channels={in_channels} and "
                              f"out_channels={out_channels}")
@@ -258,12 +263,13 @@ class ACBlock(nn.Module):
 
     @torch.jit.unused
     def _eval_weights(self) -> tuple[Tensor, Tensor] | None:
-        """The fused (kernel, bias) of eval mode, folded now; None if a norm uses batch statistics.
+        """The fused (kernel, bias), folded now; None if a norm normalizes with batch statistics
+        in its current mode (each norm's own mode counts, not the block's).
 
         Folded in the parameters' dtype (float32 for half types), differentiably when autograd
         records, and never cached: it follows every change of weights, statistics or settings.
         """
-        if any(norms.uses_batch_stats(n) for n in self.batch_norms()):
+        if any(norms.batch_stats_now(n) for n in self.batch_norms()):
             return None
         ref = self.square_conv.weight
         low = ref.dtype in (torch.float16, torch.bfloat16)
@@ -336,8 +342,8 @@ class ACBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.fused_conv is not None:
             return self.fused_conv(x)
-        if not self.training and self.fast_eval and not torch.jit.is_scripting():
-            # eval mode: the norms are affine maps, so the block is one conv with a bias
+        if self.fast_eval and not torch.jit.is_scripting():
+            # norms on running statistics (eval mode, frozen) are affine maps: one conv
             fused = self._eval_weights()
             if fused is not None:
                 return self._conv(x, fused[0], 0, 0, fused[1])

@@ -24,9 +24,11 @@ from .cli_studies import (
 )
 from .data import DATASETS, TRANSFORMS
 from .errors import ACNetError, InputError
+from .options import BRANCH_INITS, TRAIN_OPTIONS, ACBOptions
 from .quantize import export_int8_run
 from .runs import deploy_run, evaluate_run, export_run
 from .train import TrainConfig, train
+from .train.config import OPTIMIZERS
 
 log = logging.getLogger("acnet")
 
@@ -36,6 +38,7 @@ USER_ERRORS = (ACNetError, FileNotFoundError, FileExistsError, PermissionError,
                IsADirectoryError, NotADirectoryError)
 
 DEFAULTS = TrainConfig()  # the one place train's defaults live; --help quotes them
+ACB_FIELDS = {f.name: f for f in dataclasses.fields(ACBOptions)}
 
 
 def _default(name: str) -> str:
@@ -62,6 +65,10 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help=_default("seed"))
     p.add_argument("--train-limit", type=positive_int, help="train on the first N images")
     p.add_argument("--test-limit", type=positive_int, help="evaluate on the first N test images")
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), help=f"{_default('optimizer')}; "
+                   f"adamw's default lr is 1e-3 and weight decay 0.05")
+    p.add_argument("--classes", type=_class_list, help="train and test on these classes only, "
+                   "relabelled 0..k-1 in the order given (e.g. 5,6,7,8,9)")
     p.add_argument("--out", required=True, help="run directory to create (or resume)")
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue the run in --out")
@@ -81,15 +88,47 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=positive_int, help=f"imagenet crop size "
                    f"({_default('image_size')})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    f = p.add_argument_group("fine-tuning")
+    f.add_argument("--init-from", metavar="SRC", help="start from trained weights: a run "
+                   "directory, a deployed .safetensors, or a state_dict file (.pt/.pth/"
+                   ".safetensors) of the same architecture; with --block acb the ACNet starts "
+                   "as exactly that model")
+    f.add_argument("--new-head", action="store_true", help="re-initialise the classifier even "
+                   "when its shape fits (transfer to other classes)")
+    f.add_argument("--branch-init", choices=list(BRANCH_INITS), help="how the new ACB branches "
+                   "start: zero (they add nothing) or small (random, the square kernel "
+                   f"compensating: DyRep) ({_default('branch_init')})")
     g = p.add_argument_group("ablation")
-    g.add_argument("--no-horizontal", dest="horizontal", action="store_false",
-                   help="no 1xd branch")
-    g.add_argument("--no-vertical", dest="vertical", action="store_false", help="no dx1 branch")
-    g.add_argument("--no-branch-bn", dest="branch_bn", action="store_false",
-                   help="one BN after the summed kernels")
-    g.add_argument("--branch-scale", action="store_true",
-                   help="online ACB: a learnable scale per branch (needs --no-branch-bn)")
-    g.add_argument("--position", choices=["center", "corner"], help=_default("position"))
+    for name in TRAIN_OPTIONS:
+        if name == "gamma_init":
+            continue
+        field = ACB_FIELDS[name]
+        text = field.metadata["help"]
+        if field.default is True:
+            g.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false",
+                           help=f"no: {text}")
+        elif field.default is False:
+            g.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_true",
+                           help=text)
+        else:
+            g.add_argument(f"--{name.replace('_', '-')}", help=f"{text} ({_default(name)})")
+
+
+def _class_list(s: str) -> list[int]:
+    """argparse type of --classes: comma-separated class indices."""
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class indices, got {s!r}"
+                                         ) from None
+
+
+def flag_of(param: str) -> str:
+    """The command-line option that sets the parameter ``param``."""
+    field = ACB_FIELDS.get(param)
+    off = field is not None and field.default is True
+    off = off or param in ("augment", "amp", "channels_last")
+    return f"--{'no-' if off else ''}{param.replace('_', '-')}"
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
@@ -102,8 +141,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     """Train (or resume) a run; print its final metrics as JSON."""
     m = train(config_from_args(a), a.out, resume=a.resume)
     if m:
-        print(json.dumps({k: m[k] for k in ("test_acc", "deployed_test_acc", "params_train",
-                                            "params_deployed", "max_abs_diff_deploy")}))
+        print(json.dumps({k: m[k] for k in ("init_test_acc", "test_acc", "deployed_test_acc",
+                                            "params_train", "params_deployed",
+                                            "max_abs_diff_deploy") if k in m}))
     return 0
 
 
@@ -229,6 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.verbose:
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        params = getattr(exc, "params", ())
+        if params:
+            msg += f" (set by {', '.join(flag_of(p) for p in params)})"
         print(f"acnet {a.command}: error: {msg}", file=sys.stderr)
         return 2
 

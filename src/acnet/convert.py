@@ -177,8 +177,10 @@ def _main_norm(conv: nn.Conv2d, bn: nn.Module | None, block: ACBlock) -> nn.Modu
         return _identity_bn(conv, main.eps, main.momentum)
     if norms.is_frozen_norm(bn):
         new: nn.Module = norms.as_frozen(bn)
+    elif type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        new = copy.deepcopy(bn)
     else:
-        new = copy.deepcopy(bn) if type(bn) is nn.BatchNorm2d else norms.as_batchnorm2d(bn)
+        new = norms.as_batchnorm2d(bn)
     if conv.bias is not None:
         with torch.no_grad():
             new.running_mean.sub_(conv.bias.to(new.running_mean.dtype))
@@ -216,6 +218,8 @@ def _new_block(conv: nn.Conv2d, bn: nn.Module | None, preserve: bool, branch_ini
     for p in block.parameters(recurse=False):  # branch scales
         p.requires_grad_(trainable)
     block.acnet_conv_bias = conv.bias is not None
+    if type(bn) is nn.SyncBatchNorm:  # the branches sync their statistics like the original
+        nn.SyncBatchNorm.convert_sync_batchnorm(block, bn.process_group)
     if preserve:
         _preserve(conv, bn, block, branch_init)
     elif frozen:
@@ -325,8 +329,9 @@ def convert(
     """
     model = unwrap(model, "convert")
     include = _choose(include, filter)
-    if not isinstance(preserve, bool):
-        raise InputTypeError(f"preserve must be a bool, got {preserve!r}")
+    for name, flag in (("preserve", preserve), ("inplace", inplace)):
+        if not isinstance(flag, bool):
+            raise InputTypeError(f"{name} must be a bool, got {flag!r}")
     if branch_init not in BRANCH_INITS:
         raise InputError(f"branch_init must be one of {BRANCH_INITS}, got {branch_init!r}")
     if branch_init != "zero" and not preserve:
@@ -335,6 +340,33 @@ def convert(
     check_convert_options(preserve, acb_options)
     if not inplace:
         model = copy_model(model, "convert")
+    if type(model) is nn.Conv2d:  # a bare conv: the block replaces the root itself
+        holder = _convert_tree(nn.Sequential(model), preserve, include, example_inputs,
+                               branch_init, acb_options)
+        out, report = holder[0], holder.acnet_report
+        for r in report.layers:
+            r.name = "(root)" if r.name == "0" else r.name
+        out.acnet_report = report
+        return out
+    return _convert_tree(model, preserve, include, example_inputs, branch_init, acb_options)
+
+
+def _tied_norm(name: str, bn: nn.Module, model: nn.Module) -> str | None:
+    """Why the norm at ``name`` cannot move into a block: a parameter or buffer of it that
+    another module shares (absorbing would untie them)."""
+    aliases = [n for n, m in model.named_modules(remove_duplicate=False) if m is bn]
+    mine = {id(t) for t in [*bn.parameters(), *bn.buffers()]}
+    for kind in ("named_parameters", "named_buffers"):
+        for other, t in getattr(model, kind)(remove_duplicate=False):
+            if id(t) in mine and not any(other.startswith(f"{a}.") for a in aliases):
+                return f"its BatchNorm {name} shares a tensor with {other}: a block would untie it"
+    return None
+
+
+def _convert_tree(model: nn.Module, preserve: bool, include: Callable | None,
+                  example_inputs: Any, branch_init: str, acb_options: dict[str, Any]
+                  ) -> nn.Module:
+    """convert() on a model whose root is not itself replaced."""
     report = ConversionReport("convert")
     candidates = _candidates(model, include, report)
     pairing = find_pairs(model, candidates, example_inputs) if candidates else None
@@ -345,6 +377,8 @@ def convert(
     modules = dict(model.named_modules())
     for name in sorted(candidates, key=list(modules).index):
         use = pairing.uses[name]
+        if use.bn and not use.skip:
+            use.skip = _tied_norm(use.bn, modules[use.bn], model)
         if use.skip:
             report.add(name, "skipped", use.skip)
             continue

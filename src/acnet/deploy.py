@@ -19,6 +19,7 @@ from ._surgery import (
 )
 from .block import ACBlock
 from .convert import AbsorbedBatchNorm
+from .errors import InputTypeError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ def _fused_conv(block: ACBlock, kernel: torch.Tensor, bias: torch.Tensor | None)
             conv.bias.copy_(bias)
     square = block.fused_conv if block.is_fused else block.square_conv
     freeze_like(conv, square.weight.requires_grad, square.training)
+    if square.weight.is_contiguous(memory_format=torch.channels_last) and not \
+            square.weight.is_contiguous():
+        conv.to(memory_format=torch.channels_last)
     return conv
 
 
@@ -96,6 +100,10 @@ def _restore_bn(model: nn.Module, block: ACBlock, slot: str, kernel: torch.Tenso
     absorbed: AbsorbedBatchNorm = model.get_submodule(slot)
     ref = next(block.parameters())
     bn = absorbed.make_bn(ref.device, ref.dtype)
+    main = _main_bn(block)
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm) and isinstance(
+            main, nn.modules.batchnorm._BatchNorm):  # settings changed since convert
+        bn.eps, bn.momentum = main.eps, main.momentum
     affine = getattr(bn, "affine", True)
     mean, var, weight, shift, scale = fusion.bn_identity_params(bias, bn.eps, affine)
     with torch.no_grad():
@@ -104,7 +112,6 @@ def _restore_bn(model: nn.Module, block: ACBlock, slot: str, kernel: torch.Tenso
         if affine:
             bn.weight.copy_(weight)
             bn.bias.copy_(shift)
-    main = _main_bn(block)
     bn.train(block.training if main is None else main.training)
     trainable = (isinstance(getattr(bn, "weight", None), nn.Parameter) and main is not None
                  and isinstance(getattr(main, "weight", None), nn.Parameter))
@@ -145,8 +152,23 @@ def deploy(model: nn.Module, *, inplace: bool = False, fold_bn: bool = False) ->
     ``result.acnet_report``.
     """
     model = unwrap(model, "deploy")
+    for name, flag in (("inplace", inplace), ("fold_bn", fold_bn)):
+        if not isinstance(flag, bool):
+            raise InputTypeError(f"{name} must be a bool, got {flag!r}")
     if not inplace:
         model = copy_model(model, "deploy")
+    if isinstance(model, ACBlock):  # a bare block: its fused conv replaces the root itself
+        holder = _deploy_tree(nn.Sequential(model), fold_bn)
+        out, report = holder[0], holder.acnet_report
+        for r in report.layers:
+            r.name = "(root)" if r.name == "0" else r.name
+        out.acnet_report = report
+        return out
+    return _deploy_tree(model, fold_bn)
+
+
+def _deploy_tree(model: nn.Module, fold_bn: bool) -> nn.Module:
+    """deploy() on a model whose root is not itself replaced."""
     report = ConversionReport("deploy")
     slots: dict[str, list[str]] = {}
     for name, m in model.named_modules():

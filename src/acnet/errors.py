@@ -11,7 +11,15 @@ __all__ = ["ACNetError", "InputError", "InputTypeError", "MissingDependencyError
 
 
 class ACNetError(Exception):
-    """Base of the errors about the user's input, files or environment."""
+    """Base of the errors about the user's input, files or environment.
+
+    ``params`` names the parameters at fault (e.g. ``("lr",)``), so a front end can say which
+    of its own options set them.
+    """
+
+    def __init__(self, message: str = "", *, params: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.params = tuple(params)
 
 
 class InputError(ACNetError, ValueError):

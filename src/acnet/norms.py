@@ -16,7 +16,8 @@ from .errors import InputError
 from .fusion import bn_scale_shift
 
 __all__ = ["FrozenBatchNorm2d", "is_norm", "is_bn_act", "is_frozen_norm", "has_act",
-           "bn_skip_reason", "num_features", "scale_shift", "uses_batch_stats", "as_batchnorm2d",
+           "bn_skip_reason", "num_features", "scale_shift", "uses_batch_stats", "batch_stats_now",
+           "as_batchnorm2d",
            "as_frozen"]
 
 _FROZEN = ("FrozenBatchNorm2d", "FrozenBatchNormAct2d")
@@ -108,6 +109,12 @@ def uses_batch_stats(norm: nn.Module) -> bool:
     """True if ``norm`` normalizes with batch statistics even in eval mode (no running ones)."""
     return not is_frozen_norm(norm) and (not norm.track_running_stats
                                          or norm.running_var is None)
+
+
+def batch_stats_now(norm: nn.Module) -> bool:
+    """True if ``norm`` normalizes with batch statistics in its current mode (a BatchNorm in
+    training mode, or one without running statistics); a frozen norm never does."""
+    return not is_frozen_norm(norm) and (norm.training or uses_batch_stats(norm))
 
 
 def _check_running_stats(norm: nn.Module) -> None:

@@ -60,7 +60,8 @@ class ACBOptions:
                 raise InputError("gamma_init needs affine=True (a BN without affine has no "
                                  "scale)")
         eps = self.eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        if (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0
+                or not math.isfinite(eps)):
             raise InputError(f"eps must be a positive float, got {eps!r}")
         m = self.momentum
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float))

@@ -229,10 +229,11 @@ def sample_calibration_images(data: Any, num_images: int, seed: int = 0) -> torc
     ``seed``, normalized as the model sees them (no augmentation)."""
 
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise InputError(f"--calibration-images must be a positive integer, got {num_images!r}")
+        raise InputError(f"calibration_images must be a positive integer, got {num_images!r}",
+                         params=("calibration_images",))
     if num_images > len(data.train_x):
-        raise InputError(f"--calibration-images {num_images} is more than the run's "
-                         f"{len(data.train_x)} training images")
+        raise InputError(f"calibration_images={num_images} is more than the run's "
+                         f"{len(data.train_x)} training images", params=("calibration_images",))
     idx = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed))
     mean = torch.tensor(data.mean).view(1, -1, 1, 1)
     std = torch.tensor(data.std).view(1, -1, 1, 1)

@@ -23,6 +23,7 @@ from .export import export_onnx
 from .io import CheckpointError, load_deployed
 from .train.config import TrainConfig, build_base_model, build_training_model
 from .train.data import Split, test_split
+from .train.init_from import add_conv_biases
 from .train.rundir import RunDir
 
 __all__ = ["open_run", "load_trained", "load_deployed_model", "deploy_run", "run_metrics",
@@ -100,16 +101,6 @@ def load_trained(run_dir: str | os.PathLike, device: str = "cpu") -> nn.Module:
     return model.to(device).eval()
 
 
-def _add_conv_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give a bias to each conv whose deployed weights have one (``bias-added`` in the deploy
-    report: a conv with neither bias nor BN after it, e.g. DenseNet's), so a strict load works."""
-    for name, m in model.named_modules():
-        key = f"{name}.bias" if name else "bias"
-        if isinstance(m, nn.Conv2d) and m.bias is None and key in state:
-            m.bias = nn.Parameter(torch.zeros(m.out_channels, dtype=m.weight.dtype,
-                                              device=m.weight.device))
-
-
 def load_deployed_model(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
     """The deployed base architecture with the run's deployed.safetensors (or a given file);
     deployed from the checkpoint when the run has no deployed file yet."""
@@ -121,7 +112,7 @@ def load_deployed_model(path: str | os.PathLike, device: str = "cpu") -> nn.Modu
         raise FileNotFoundError(f"no deployed weights or checkpoint in {p}")
     state = load_deployed(file, device=device)
     model = build_base_model(cfg)
-    _add_conv_biases(model, state)
+    add_conv_biases(model, state)
     return _load_strict(model, state, file).to(device).eval()
 
 
@@ -199,7 +190,8 @@ def analyze_kernels(runs: list[str | os.PathLike], kernel_size: int | None = Non
     """Kernel magnitude matrix of each run (keyed by the run's path as given); optionally
     plotted (titled by directory name) and saved as JSON."""
     if kernel_size is not None and (isinstance(kernel_size, bool) or kernel_size < 2):
-        raise InputError(f"--kernel-size must be an integer >= 2, got {kernel_size!r}")
+        raise InputError(f"kernel_size must be an integer >= 2, got {kernel_size!r}",
+                         params=("kernel_size",))
     for run in runs:
         open_run(run)  # a clear error for a path that is not a run, before any work
     mats = {}
@@ -221,9 +213,10 @@ def analyze_sparsity(runs: list[str | os.PathLike], ratios: list[float], draws: 
     """Accuracy after zeroing kernel weights, per run and pattern; with ``figure``, the plot and
     ``figure``'s .json beside it."""
     if not ratios or any(not 0 <= r <= 1 for r in ratios):
-        raise InputError(f"--ratios must be numbers in [0, 1], got {ratios!r}")
+        raise InputError(f"ratios must be numbers in [0, 1], got {ratios!r}",
+                         params=("ratios",))
     if draws < 1:
-        raise InputError(f"--draws must be >= 1, got {draws}")
+        raise InputError(f"draws must be >= 1, got {draws}", params=("draws",))
     for run in runs:
         open_run(run)
     results = {}

@@ -54,6 +54,27 @@ class ImageData:
                          self.std, self.crop_padding, self.hflip)
 
 
+    def select_classes(self, classes: list[int] | tuple[int, ...] | None) -> ImageData:
+        """Only the images of ``classes``, relabelled 0..k-1 in the order given (None: all)."""
+        if classes is None:
+            return self
+        bad = [c for c in classes if not 0 <= c < self.num_classes]
+        if bad or len(set(classes)) != len(classes) or not classes:
+            raise InputError(f"classes must be distinct class indices of {self.name} (0 to "
+                             f"{self.num_classes - 1}), got {list(classes)}")
+        lut = torch.full((self.num_classes,), -1, dtype=torch.long)
+        lut[torch.tensor(list(classes))] = torch.arange(len(classes))
+
+        def pick(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keep = lut[y] >= 0
+            return x[keep], lut[y[keep]]
+
+        tx, ty = pick(self.train_x, self.train_y)
+        vx, vy = pick(self.test_x, self.test_y)
+        return ImageData(self.name, tx, ty, vx, vy, len(classes), self.mean, self.std,
+                         self.crop_padding, self.hflip)
+
+
 def _stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     xf = x.float().div_(255)
     return (tuple(xf.mean((0, 2, 3)).tolist()), tuple(xf.std((0, 2, 3)).tolist()))
@@ -69,12 +90,12 @@ _HINTS["cifar100"] = _HINTS["cifar10"]
 
 
 def check_data_dir(data_dir: str | None, download: bool = False, dataset: str = "") -> None:
-    """A ``--data-dir`` that does not exist is an error for every dataset (unless downloading
+    """A ``data_dir`` that does not exist is an error for every dataset (unless downloading
     into it): never a silent fallback to the default location."""
     if data_dir and not download and not Path(data_dir).is_dir():
         hint = _HINTS.get(dataset, "pass an existing directory")
-        raise DatasetNotFoundError(f"--data-dir {data_dir} does not exist or is not a directory; "
-                                   f"{hint}")
+        raise DatasetNotFoundError(f"data directory {data_dir} does not exist or is not a "
+                                   f"directory; {hint}", params=("data_dir",))
 
 
 def _find_fmnist(data_dir: str | None) -> Path | None:
@@ -115,7 +136,8 @@ def load_fashion_mnist(data_dir: str | None = None, download: bool = False, *,
         looked = data_dir or ", ".join(FMNIST_DIRS)
         raise DatasetNotFoundError(
             f"Fashion-MNIST not found (looked in {looked}); install it with "
-            f"'apt-get install dataset-fashion-mnist', or pass --data-dir DIR, or --download")
+            f"'apt-get install dataset-fashion-mnist', or give its directory (data_dir, "
+            f"--data-dir), or download it (--download)")
     vx = read_idx(_idx_file(d, "t10k-images-idx3-ubyte")).unsqueeze(1)
     if train:
         tx = read_idx(_idx_file(d, "train-images-idx3-ubyte")).unsqueeze(1)
@@ -136,8 +158,9 @@ def load_cifar(name: str, data_dir: str | None = None, download: bool = False) -
         test = cls(root, train=False, download=download)
     except RuntimeError as exc:
         raise DatasetNotFoundError(
-            f"{name} not found in {Path(root).resolve()} ({exc}); pass --data-dir DIR holding "
-            f"the extracted CIFAR python archive, or --download when online") from exc
+            f"{name} not found in {Path(root).resolve()} ({exc}); give the directory holding "
+            f"the extracted CIFAR python archive (data_dir, --data-dir), or download it "
+            f"(--download) when online") from exc
 
     def tensors(ds):
         return (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),

@@ -48,7 +48,7 @@ def _split_dir(root: str | None, split: str) -> Path:
     if not (base / split).is_dir():
         raise DatasetNotFoundError(
             f"ImageNet not found: expected {base.resolve()}/train and /val ImageFolders "
-            f"(one folder per class); pass --data-dir DIR")
+            f"(one folder per class); give their parent directory (data_dir, --data-dir)")
     return base / split
 
 

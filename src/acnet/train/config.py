@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -13,9 +14,12 @@ from torch import nn
 from ..convert import convert
 from ..errors import InputError
 from ..models import build_model, check_model_name
+from ..options import BRANCH_INITS, PRESERVE_OPTIONS, TRAIN_OPTIONS
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "MODEL_DEFAULTS", "RUNTIME_FIELDS", "resolve", "build_training_model",
-           "build_base_model", "settings_diff"]
+           "build_base_model", "settings_diff", "acb_options", "OPTIMIZERS"]
 
 # The official ACNet repo's CIFAR settings: batch 128, cosine, lr 0.1 (0.2 for ResNet-56),
 # weight decay 1e-4 (5e-4 for WRN-16-8), gamma_init 1/3 for the ACB branches.
@@ -30,6 +34,8 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "densenet40": {"epochs": 400, "lr": 0.1, "weight_decay": 1e-4},
 }
 _DEFAULT = {"epochs": 90, "lr": 0.1, "weight_decay": 1e-4}
+OPTIMIZERS = ("sgd", "adamw")
+ADAMW_DEFAULTS = {"lr": 1e-3, "weight_decay": 0.05}  # the presets' lr is SGD's
 
 # fields that may differ between a run and its --resume (they do not change the result on CPU)
 RUNTIME_FIELDS = {"device", "quiet", "workers", "data_dir", "download"}
@@ -38,6 +44,8 @@ RUNTIME_FIELDS = {"device", "quiet", "workers", "data_dir", "download"}
 # reproduce neither run; --resume refuses the switch instead of mixing them silently
 # filled from the dataset at run time
 DATA_FIELDS = {"in_channels", "num_classes", "input_size"}
+# fields of earlier versions' config.json, dropped when read (``extra`` was never used)
+DEPRECATED_FIELDS = {"extra"}
 
 
 @dataclass
@@ -49,6 +57,7 @@ class TrainConfig:
     block: str = "acb"
     epochs: int | None = None
     batch_size: int = 128
+    optimizer: str = "sgd"
     lr: float | None = None
     momentum: float = 0.9
     nesterov: bool = False
@@ -59,6 +68,12 @@ class TrainConfig:
     seed: int = 0
     train_limit: int | None = None
     test_limit: int | None = None
+    classes: list[int] | None = None  # train and test on these classes, relabelled 0..k-1
+    # start from these weights (run dir, deployed .safetensors, or a state_dict file of the
+    # same architecture); with block "acb" the ACNet starts as exactly that function
+    init_from: str | None = None
+    new_head: bool = False  # with init_from: re-initialise the classifier even if it fits
+    branch_init: str = "zero"  # with init_from and block "acb": how the new branches start
     device: str = "auto"
     amp: bool = True
     channels_last: bool = True
@@ -79,7 +94,6 @@ class TrainConfig:
     in_channels: int | None = None
     num_classes: int | None = None
     input_size: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """Indented JSON with sorted keys."""
@@ -87,8 +101,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """From a dict (e.g. config.json); unknown fields are a ValueError."""
+        """From a dict (e.g. config.json); unknown fields are an error, deprecated ones dropped."""
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k not in DEPRECATED_FIELDS or k in names}
         unknown = set(d) - names
         if unknown:
             raise InputError(f"unknown config field(s) {sorted(unknown)}")
@@ -101,53 +116,95 @@ def _positive_int(cfg: TrainConfig, name: str, optional: bool = False) -> None:
     if optional and v is None:
         return
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        raise InputError(f"{name} must be a positive integer, got {v!r}", params=(name,))
 
 
 def _check_choices(cfg: TrainConfig) -> None:
-    """Model name, block, position and device are known; ACB-only options need acb."""
+    """Model name, block, position, optimizer and device are known; ACB-only options need acb."""
     check_model_name(cfg.model)
-    if cfg.block not in ("acb", "base"):
-        raise InputError(f"--block must be 'acb' or 'base', got {cfg.block!r}")
-    if cfg.position not in ("center", "corner"):
-        raise InputError(f"--position must be 'center' or 'corner', got {cfg.position!r}")
+    for name, choices in (("block", ("acb", "base")), ("position", ("center", "corner")),
+                          ("optimizer", OPTIMIZERS), ("branch_init", BRANCH_INITS)):
+        if getattr(cfg, name) not in choices:
+            raise InputError(f"{name} must be one of {', '.join(choices)}, got "
+                             f"{getattr(cfg, name)!r}", params=(name,))
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        raise InputError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
+        raise InputError(f"device must be auto, cpu or cuda, got {cfg.device!r}",
+                         params=("device",))
     if cfg.block == "base" and cfg.gamma_init is not None:
-        raise InputError(f"--gamma-init {cfg.gamma_init} sets the BN scale of ACBlocks: it needs "
-                         f"--block acb, got --block base")
+        raise InputError(f"gamma_init={cfg.gamma_init} sets the BN scale of ACBlocks: it needs "
+                         f"block='acb', got block='base'", params=("gamma_init", "block"))
     if not cfg.augment and cfg.dataset == "imagenet":
-        raise InputError("--no-augment applies to the in-memory datasets; imagenet's training "
-                         "transforms are fixed (random resized crop and flip)")
+        raise InputError("augment=False applies to the in-memory datasets; imagenet's training "
+                         "transforms are fixed (random resized crop and flip)",
+                         params=("augment",))
     if cfg.branch_scale and (cfg.branch_bn or cfg.block != "acb"):
-        raise InputError("--branch-scale (online ACB) needs --block acb and --no-branch-bn")
+        raise InputError("branch_scale (online ACB) needs block='acb' and branch_bn=False",
+                         params=("branch_scale", "block", "branch_bn"))
+
+
+def _check_finetune(cfg: TrainConfig) -> None:
+    """The options of starting from trained weights, and of class subsets."""
+    if cfg.classes is not None:
+        if cfg.dataset == "imagenet":
+            raise InputError("classes selects classes of the in-memory datasets, not imagenet",
+                             params=("classes",))
+        if not isinstance(cfg.classes, list) or not cfg.classes or not all(
+                isinstance(c, int) and not isinstance(c, bool) for c in cfg.classes):
+            raise InputError(f"classes must be a non-empty list of class indices, got "
+                             f"{cfg.classes!r}", params=("classes",))
+    if cfg.init_from is None:
+        for name, default in (("new_head", False), ("branch_init", "zero")):
+            if getattr(cfg, name) != default:
+                raise InputError(f"{name}={getattr(cfg, name)!r} applies to a run that starts "
+                                 f"from trained weights: it needs init_from",
+                                 params=(name, "init_from"))
+        return
+    if not isinstance(cfg.init_from, str) or not cfg.init_from:
+        raise InputError(f"init_from must be a path, got {cfg.init_from!r}",
+                         params=("init_from",))
+    if cfg.gamma_init is not None:
+        raise InputError("gamma_init sets the BN scale of fresh ACBlocks; with init_from the "
+                         "blocks start from the trained BatchNorms",
+                         params=("gamma_init", "init_from"))
+    if cfg.branch_init != "zero" and cfg.block != "acb":
+        raise InputError(f"branch_init={cfg.branch_init!r} sets how ACB branches start: it "
+                         f"needs block='acb'", params=("branch_init", "block"))
 
 
 def _check(cfg: TrainConfig) -> None:
-    """Validate a resolved config; ValueError naming the bad option."""
+    """Validate a resolved config; InputError naming the bad parameter."""
     for name in ("epochs", "batch_size"):
         _positive_int(cfg, name)
     for name in ("train_limit", "test_limit"):
         _positive_int(cfg, name, optional=True)
     _check_choices(cfg)
+    _check_finetune(cfg)
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise InputError(f"--lr must be a positive number, got {cfg.lr}")
+        raise InputError(f"lr must be a positive number, got {cfg.lr}", params=("lr",))
     if not cfg.weight_decay >= 0:
-        raise InputError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+        raise InputError(f"weight_decay must be >= 0, got {cfg.weight_decay}",
+                         params=("weight_decay",))
     if not 0 <= cfg.label_smoothing < 1:
-        raise InputError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+        raise InputError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}",
+                         params=("label_smoothing",))
     if cfg.warmup_epochs < 0 or (cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs):
-        raise InputError(f"--warmup-epochs must be in [0, epochs), got {cfg.warmup_epochs}")
+        raise InputError(f"warmup_epochs must be in [0, epochs), got {cfg.warmup_epochs}",
+                         params=("warmup_epochs",))
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill preset values and validate; returns a new config."""
-    preset = MODEL_DEFAULTS.get(cfg.model, _DEFAULT)
+    preset = dict(MODEL_DEFAULTS.get(cfg.model, _DEFAULT))
+    if cfg.optimizer == "adamw":
+        preset.update(ADAMW_DEFAULTS)
     values = dataclasses.asdict(cfg)
     for key in ("epochs", "lr", "weight_decay"):
         if values[key] is None:
             values[key] = preset[key]
-    if values["gamma_init"] is None and cfg.block == "acb" and cfg.branch_bn:
+    if values["classes"] is not None:
+        values["classes"] = list(values["classes"])
+    fresh = cfg.init_from is None
+    if values["gamma_init"] is None and cfg.block == "acb" and cfg.branch_bn and fresh:
         values["gamma_init"] = 1 / 3
     out = TrainConfig.from_dict(values)
     _check(out)
@@ -170,19 +227,20 @@ def build_base_model(cfg: TrainConfig) -> nn.Module:
 
 
 def acb_options(cfg: TrainConfig) -> dict[str, Any]:
-    """The ACBlock options of ``convert(preserve=False, **options)`` for an acb run."""
-    opts: dict[str, Any] = {"horizontal": cfg.horizontal, "vertical": cfg.vertical,
-                            "branch_bn": cfg.branch_bn, "position": cfg.position}
-    if cfg.branch_scale:
-        opts["branch_scale"] = True
-    if cfg.gamma_init is not None:
-        opts["gamma_init"] = cfg.gamma_init
-    return opts
+    """The ACBlock options of an acb run: ``convert(preserve=False, **options)`` from scratch,
+    the preserve-compatible ones when the run starts from trained weights."""
+    names = TRAIN_OPTIONS if cfg.init_from is None else PRESERVE_OPTIONS
+    opts = {name: getattr(cfg, name) for name in names}
+    return {k: v for k, v in opts.items() if not (k == "gamma_init" and v is None)}
 
 
-def build_training_model(cfg: TrainConfig) -> nn.Module:
-    """The model as trained: the base model, converted to ACNet for ``block='acb'``."""
-    model = build_base_model(cfg)
+def build_training_model(cfg: TrainConfig, base: nn.Module | None = None) -> nn.Module:
+    """The model as trained: the base model (``base``, or a fresh one), converted to ACNet for
+    ``block='acb'``. A run that starts from trained weights converts them with the function
+    preserved (the structure does not depend on the weights, so a fresh base rebuilds it)."""
+    model = build_base_model(cfg) if base is None else base
     if cfg.block == "acb":
-        model = convert(model, preserve=False, inplace=True, **acb_options(cfg))
+        preserve = cfg.init_from is not None
+        extra = {"branch_init": cfg.branch_init} if preserve else {}
+        model = convert(model, preserve=preserve, inplace=True, **extra, **acb_options(cfg))
     return model

@@ -34,7 +34,7 @@ def in_memory_data(cfg: TrainConfig, *, train: bool = True) -> ImageData | None:
     if cfg.dataset == "imagenet":
         return None
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, train=train)
-    return data.limit(cfg.train_limit, cfg.test_limit)
+    return data.select_classes(cfg.classes).limit(cfg.train_limit, cfg.test_limit)
 
 
 def train_split(cfg: TrainConfig, device: torch.device, *, rank: int = 0, world: int = 1,
@@ -42,7 +42,8 @@ def train_split(cfg: TrainConfig, device: torch.device, *, rank: int = 0, world:
     """The training loader of one rank (shuffled and augmented per epoch, seeded)."""
     per_rank = cfg.batch_size // world
     if per_rank < 1:
-        raise InputError(f"--batch-size {cfg.batch_size} is smaller than the {world} ranks")
+        raise InputError(f"batch_size {cfg.batch_size} is smaller than the {world} ranks",
+                         params=("batch_size",))
     if cfg.dataset == "imagenet":
         loader, classes, n = imagenet_train_loader(
             cfg.data_dir, cfg.batch_size, device=device, workers=cfg.workers, rank=rank,
@@ -50,8 +51,8 @@ def train_split(cfg: TrainConfig, device: torch.device, *, rank: int = 0, world:
         return Split(loader, 3, classes, cfg.image_size, n)
     data = data or in_memory_data(cfg)
     if cfg.batch_size > len(data.train_x):
-        raise InputError(f"--batch-size {cfg.batch_size} is larger than the "
-                         f"{len(data.train_x)} training images")
+        raise InputError(f"batch_size {cfg.batch_size} is larger than the "
+                         f"{len(data.train_x)} training images", params=("batch_size",))
     loader = InMemoryLoader(data.train_x, data.train_y, per_rank, train=True, seed=cfg.seed,
                             crop_padding=data.crop_padding if cfg.augment else 0,
                             hflip=data.hflip and cfg.augment, rank=rank,

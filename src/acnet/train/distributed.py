@@ -40,7 +40,8 @@ def _device(requested: str, local_rank: int) -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise InputError("--device cuda was requested but no CUDA device is available")
+            raise InputError("device cuda was requested but no CUDA device is available",
+                             params=("device",))
         if requested == "cuda":
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device(requested)

@@ -19,8 +19,9 @@ from ..errors import InputError, NonFiniteError
 from ..evaluation import compare_models, count_params, evaluate
 from ..io import CheckpointError
 from . import distributed as dist_utils
-from .config import TrainConfig, build_training_model, resolve, settings_diff
+from .config import TrainConfig, build_base_model, build_training_model, resolve, settings_diff
 from .data import Split, in_memory_data, test_split, train_split
+from .init_from import load_source, read_source
 from .progress import Progress
 from .rundir import RunDir, RunDirError
 
@@ -49,22 +50,24 @@ class _Run:
     start_epoch: int = 0
     seconds: float = 0.0
     eval_net: nn.Module | None = None  # what evaluates each epoch (compiled with --compile)
+    init_test_acc: float | None = None  # test accuracy before the first step
 
 
 def _check_out(run: RunDir, cfg: TrainConfig, resume: bool) -> None:
     """Refuse to overwrite a run, to resume nothing, or to resume with other settings."""
     if run.started and not resume:
-        raise RunDirError(f"{run.path} already holds a run; pass --resume to continue it or "
-                          f"choose another --out")
+        raise RunDirError(f"{run.path} already holds a run; resume it or choose another "
+                          f"output directory", params=("resume", "out"))
     if not resume:
         return
     if not run.started:
-        raise RunDirError(f"--resume: {run.path} holds no acnet run to resume (no config.json); "
-                          f"drop --resume to start one")
+        raise RunDirError(f"resume: {run.path} holds no acnet run to resume (no config.json); "
+                          f"start one without resume", params=("resume",))
     diff = settings_diff(cfg, run.read_config())
     if diff:
-        raise RunDirError(f"--resume with different settings than {run.config_file}: "
-                          + ", ".join(f"{k}={a!r} (run has {b!r})" for k, (a, b) in diff.items()))
+        raise RunDirError(f"resume with different settings than {run.config_file}: "
+                          + ", ".join(f"{k}={a!r} (run has {b!r})" for k, (a, b) in diff.items()),
+                          params=("resume",))
 
 
 def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False) -> dict[str, Any]:
@@ -122,34 +125,52 @@ def _tensorboard(run: RunDir, info: dist_utils.DistInfo):
     return SummaryWriter(str(run.tensorboard_dir))
 
 
-def _build_model(cfg: TrainConfig, info: dist_utils.DistInfo) -> nn.Module:
+def _build_model(cfg: TrainConfig, info: dist_utils.DistInfo, fresh: bool) -> nn.Module:
     """The training model on its device (channels_last unless disabled, SyncBatchNorm if
-    asked)."""
-    model = build_training_model(cfg).to(info.device)
+    asked); a fresh start from trained weights loads them (a resumed run loads its checkpoint
+    instead, so the source may be gone by then)."""
+    base = build_base_model(cfg)
+    if cfg.init_from is not None and fresh:
+        state = read_source(cfg.init_from)
+        for note in load_source(base, state, num_classes=cfg.num_classes,
+                                new_head=cfg.new_head, src=cfg.init_from):
+            if info.main:
+                log.info("%s", note)
+    model = build_training_model(cfg, base).to(info.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and info.enabled:
         if info.device.type == "cpu":
-            raise InputError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm does not run on CPU); "
+            raise InputError("sync_bn needs GPUs (PyTorch's SyncBatchNorm does not run on CPU); "
                              "without it BN statistics are averaged across ranks before "
-                             "evaluation and deployment")
+                             "evaluation and deployment", params=("sync_bn",))
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
 
-def _setup(cfg: TrainConfig, run: RunDir, info: dist_utils.DistInfo) -> _Run:
-    """Data, model, optimizer and schedule of a fresh start (seeded)."""
-    if info.main:
-        run.prepare()
+def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (momentum, optionally Nesterov) or AdamW, with the run's lr and weight decay."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+
+
+def _setup(cfg: TrainConfig, run: RunDir, info: dist_utils.DistInfo, fresh: bool) -> _Run:
+    """Data, model, optimizer and schedule (seeded); ``fresh``: not resumed from a checkpoint.
+
+    The run directory is created once data and model are ready, so bad input leaves none.
+    """
     torch.manual_seed(cfg.seed)
     data = in_memory_data(cfg)
     tr = train_split(cfg, info.device, rank=info.rank, world=info.world, data=data)
     te = test_split(cfg, info.device, data=data)
     cfg.in_channels, cfg.num_classes, cfg.input_size = tr.in_channels, tr.num_classes, \
         tr.input_size
-    model = _build_model(cfg, info)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    model = _build_model(cfg, info, fresh)
+    if info.main:
+        run.prepare()
+    opt = _optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, len(tr.loader)))
     return _Run(cfg, run, info, tr, te, model, opt, sched, count_params(model))
 
@@ -163,6 +184,7 @@ def _restore(r: _Run) -> None:
         r.sched.load_state_dict(state["scheduler"])
         r.start_epoch, r.seconds = int(state["epoch"]), float(state.get("seconds", 0.0))
         _set_rng_state(state["rng"], r.info.device)
+        r.init_test_acc = state.get("init_test_acc")
     except (KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{r.run.checkpoint_file} does not match this run ({exc})") from exc
     log.info("resuming %s after epoch %d", r.run.path, r.start_epoch)
@@ -171,11 +193,13 @@ def _restore(r: _Run) -> None:
 def _train(cfg: TrainConfig, run: RunDir, resume: bool, info: dist_utils.DistInfo
            ) -> dict[str, Any]:
     """Set up (or restore), train the remaining epochs, deploy."""
-    r = _setup(cfg, run, info)
-    if resume and run.has_checkpoint:
+    fresh = not (resume and run.has_checkpoint)
+    r = _setup(cfg, run, info, fresh)
+    if not fresh:
         _restore(r)
     else:
         torch.manual_seed(cfg.seed + info.rank)
+        r.init_test_acc, _ = evaluate(r.model, r.test.loader, amp=cfg.amp)
     if info.main:
         run.write_config(cfg)
         run.trim_metrics(r.start_epoch)
@@ -223,7 +247,8 @@ def eager_ceil_mode_avg_pools(model: nn.Module) -> None:
 
 def _diverged(epoch: int, why: str) -> NonFiniteError:
     """The one-line error of a diverged run."""
-    return NonFiniteError(f"training diverged at epoch {epoch + 1} ({why}); lower --lr")
+    return NonFiniteError(f"training diverged at epoch {epoch + 1} ({why}); lower the "
+                          f"learning rate (lr)")
 
 
 def _check_diverged(r: _Run, loss: float, epoch: int) -> None:
@@ -261,7 +286,8 @@ def _epoch(r: _Run, net: nn.Module, epoch: int, tb) -> None:
         r.run.save_checkpoint({
             "model": r.model.state_dict(), "optimizer": r.opt.state_dict(),
             "scheduler": r.sched.state_dict(), "epoch": epoch + 1, "seconds": r.seconds,
-            "rng": _rng_state(info.device), "config": cfg.to_json()})
+            "rng": _rng_state(info.device), "config": cfg.to_json(),
+            "init_test_acc": r.init_test_acc})
         if tb is not None:
             for k, v in row.items():
                 if k != "epoch":
@@ -328,6 +354,7 @@ def _finish(r: _Run) -> dict[str, Any]:
             "epochs": cfg.epochs, "seconds": r.seconds, "ranks": info.world,
             "ranks_consistent": agree, "model": cfg.model, "block": cfg.block,
             "dataset": cfg.dataset, "seed": cfg.seed, "train_images": r.train.images,
+            "init_test_acc": r.init_test_acc,
         }
         r.run.write_metrics(metrics)
         log.info("%s/%s: test acc %.4f, deployed %.4f (max |diff| %.2e, %.2f%% same "

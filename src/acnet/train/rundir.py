@@ -32,7 +32,7 @@ CACHES = ("robustness", "sparsity")  # analysis results kept beside a run (``<na
 
 
 class RunDirError(InputError):
-    """The output directory cannot be used as asked (exists without --resume, unwritable...)."""
+    """The output directory cannot be used as asked (exists without resume, unwritable...)."""
 
 
 def _dumps(obj: Any) -> str:
@@ -111,7 +111,7 @@ class RunDir:
     def prepare(self) -> None:
         """Create the directory and check that it is writable."""
         if self.path.exists() and not self.path.is_dir():
-            raise RunDirError(f"--out {self.path} exists and is not a directory")
+            raise RunDirError(f"{self.path} exists and is not a directory", params=("out",))
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write-test"
