@@ -6,7 +6,7 @@ import argparse
 
 from .bench import format_table, run_bench, save
 from .errors import InputError
-from .experiments import STUDY_PRESETS, reproduce, summary
+from .experiments import PRESET_NAMES, reproduce, summary
 from .runs import analyze_kernels, analyze_sparsity
 
 __all__ = ["positive_int", "add_analyze", "cmd_analyze", "add_reproduce", "cmd_reproduce",
@@ -88,7 +88,7 @@ def cmd_analyze(a: argparse.Namespace) -> int:
 
 def add_reproduce(p: argparse.ArgumentParser) -> None:
     """reproduce's options."""
-    p.add_argument("--preset", required=True, choices=sorted(STUDY_PRESETS))
+    p.add_argument("--preset", required=True, choices=list(PRESET_NAMES))
     p.add_argument("--out", required=True, help="study directory (rerunning resumes)")
     p.add_argument("--seeds", help="comma-separated seeds instead of the preset's")
     p.add_argument("--jobs", type=positive_int, default=1,

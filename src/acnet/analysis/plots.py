@@ -14,7 +14,7 @@ import torch
 from ..errors import require
 from .kernels import PATTERNS
 
-__all__ = ["LONG_TAG", "SHORT_TAG", "VARIANT_COLOURS", "VARIANT_STYLES", "heatmaps",
+__all__ = ["LONG_TAG", "SHORT_TAG", "VARIANT_COLOURS", "VARIANT_STYLES", "gain_panels", "heatmaps",
            "sparsity_curves", "sparsity_panels", "training_curves"]
 
 # one colour per variant slug, in every figure (colour-blind-safe Okabe-Ito palette + grey)
@@ -188,4 +188,30 @@ def sparsity_curves(curves: dict[str, dict[str, Any]], path: str | Path, title: 
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    _save(plt, fig, path, title)
+
+
+def gain_panels(panels: dict[str, dict[str, dict[str, Any]]], path: str | Path,
+                title: str = "", xlabel: str = "", colours: dict[str, str] | None = None,
+                ylabel: str = "gain over the baseline (points)") -> None:
+    """Per panel, per variant: the mean gain over the baseline at each x (a line) and each
+    seed's paired gain (dots); ``panels[panel][label] = {x, mean, seeds: [[...] per x]}``.
+    The x axis is logarithmic when x spans more than a factor of 10."""
+    plt = _plt()
+    fig, axes = _grid(plt, max(len(panels), 1), width=4.2, height=3.2, sharey=True)
+    for ax, (name, lines) in zip(axes, panels.items()):
+        xs_all = [x for c in lines.values() for x in c["x"]]
+        for i, (label, c) in enumerate(lines.items()):
+            colour = (colours or {}).get(label, f"C{i % 10}")
+            ax.plot(c["x"], c["mean"], "-", color=colour, lw=1.5, marker="o", ms=3, label=label)
+            for x, seeds in zip(c["x"], c["seeds"]):
+                ax.plot([x] * len(seeds), seeds, ".", color=colour, ms=4, alpha=0.6)
+        ax.axhline(0, color="#000000", lw=0.8)
+        if xs_all and max(xs_all) > 10 * min(xs_all) > 0:
+            ax.set_xscale("log")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    _legend_below(fig, axes, ncol=2)
     _save(plt, fig, path, title)

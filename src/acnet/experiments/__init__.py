@@ -13,7 +13,8 @@ from .presets import (
     runs_of,
 )
 from .report import write_report
-from .reproduce import analyze_runs, reproduce, summary
+from .reproduce import OTHER_STUDIES, PRESET_NAMES, analyze_runs, reproduce, summary
 
-__all__ = ["ABLATION", "ACNET", "BASE", "LONG", "MAIN", "ONLINE", "SHORT", "STUDY_PRESETS",
-           "StudyPreset", "analyze_runs", "reproduce", "runs_of", "summary", "write_report"]
+__all__ = ["ABLATION", "ACNET", "BASE", "LONG", "MAIN", "ONLINE", "OTHER_STUDIES", "PRESET_NAMES",
+           "SHORT", "STUDY_PRESETS", "StudyPreset", "analyze_runs", "reproduce", "runs_of",
+           "summary", "write_report"]

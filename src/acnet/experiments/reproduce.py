@@ -23,6 +23,7 @@ from ..io import save_json
 from ..runs import load_deployed_model, run_test_split
 from ..train import RunDir, TrainConfig, build_base_model, train
 from ..train.config import resolve, settings_diff
+from . import finetune
 from .presets import (
     ABLATION,
     ACNET,
@@ -43,7 +44,12 @@ from .results import RESULTS, STUDY_GROUPS, mean_std, plateau_check, schedule_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["reproduce", "analyze_runs", "write_report", "summary", "RESULTS"]
+__all__ = ["reproduce", "analyze_runs", "write_report", "summary", "RESULTS", "OTHER_STUDIES",
+           "PRESET_NAMES"]
+
+# studies with their own run matrix and report (the module has run() and summary())
+OTHER_STUDIES = {"finetune": finetune}
+PRESET_NAMES = (*STUDY_PRESETS, *OTHER_STUDIES)
 
 COST_BENCH = "cost_bench.json"  # the training-step benchmark of each model, in the study dir
 BENCH_REPEATS = 10  # interleaved repeats of that benchmark (whatever the preset)
@@ -68,10 +74,14 @@ def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
     progress).
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise InputError(f"jobs must be a positive integer, got {jobs!r}")
+        raise InputError(f"jobs must be a positive integer, got {jobs!r}", params=("jobs",))
+    if preset_name in OTHER_STUDIES:
+        return OTHER_STUDIES[preset_name].run(out, workers=jobs, device=device,
+                                              data_dir=data_dir, seeds=seeds,
+                                              train_runs=train_runs, command=command or "")
     if preset_name not in STUDY_PRESETS:
         raise InputError(f"unknown preset {preset_name!r}; choose one of "
-                         f"{', '.join(STUDY_PRESETS)}")
+                         f"{', '.join(PRESET_NAMES)}", params=("preset",))
     preset = STUDY_PRESETS[preset_name]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -377,6 +387,8 @@ def summary(study_dir: str | Path) -> str:
     """The progress, main table (and the short and long schedules' ones, where the study has
     them) and deployment check of a study, as text."""
     res = json.loads((Path(study_dir) / RESULTS).read_text())
+    if res.get("study") in OTHER_STUDIES:
+        return OTHER_STUDIES[res["study"]].summary(study_dir)
     preset = STUDY_PRESETS.get(res["preset"])
     models = preset.models if preset else tuple(dict.fromkeys(
         r["model"] for r in res["runs"].values()))

@@ -1,0 +1,99 @@
+"""Training a study's runs: resumable, several at a time in fresh processes, in priority order,
+each starting once the runs it depends on (e.g. its source model) have finished."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+from ..train import RunDir, TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Job", "train_one", "train_jobs"]
+
+
+@dataclass
+class Job:
+    """One run to train: its directory name, its TrainConfig fields, and the runs it needs."""
+
+    name: str
+    config: dict[str, Any]
+    after: tuple[str, ...] = field(default_factory=tuple)
+
+
+def train_one(config: dict[str, Any], path: str, threads: int | None) -> str:
+    """Train (or resume) one run; in a worker process, with ``threads`` torch threads."""
+    if threads:
+        torch.set_num_threads(threads)
+    run = RunDir(path)
+    train(TrainConfig(**config), run.path, resume=run.started)
+    return path
+
+
+def train_jobs(jobs: list[Job], runs_dir: Path, *, workers: int = 1,
+               overrides: dict[str, Any] | None = None) -> int:
+    """Train every unfinished job under ``runs_dir`` (interrupted ones resume), ``workers`` at a
+    time, in the order given, each once its ``after`` runs are finished; returns how many ran.
+
+    ``overrides`` (device, data_dir...) go into every config. The first failure stops the
+    study: finished runs stay finished, interrupted ones resume next time.
+    """
+    names = {j.name for j in jobs}
+    todo = [j for j in jobs if not RunDir(runs_dir / j.name).finished]
+    for j in todo:
+        missing = [a for a in j.after if a not in names]
+        if missing:
+            raise InputError(f"run {j.name} needs {missing}, which the study does not have")
+    log.info("%d of %d runs to train%s", len(todo), len(jobs),
+             f", {workers} at a time" if workers > 1 and todo else "")
+    t0 = time.perf_counter()
+    config = {j.name: {**j.config, **(overrides or {})} for j in todo}
+    if workers == 1:
+        for i, j in enumerate(todo, 1):
+            log.info("[%d/%d] %s", i, len(todo), j.name)
+            train_one(config[j.name], str(runs_dir / j.name), None)
+    elif todo:
+        _parallel(todo, config, runs_dir, workers)
+    log.info("%d runs trained in %.0f s", len(todo), time.perf_counter() - t0)
+    return len(todo)
+
+
+def _parallel(todo: list[Job], config: dict[str, dict[str, Any]], runs_dir: Path,
+              workers: int) -> None:
+    """Fresh worker processes sharing the CPU threads; a job starts when its inputs exist."""
+    threads = max(1, torch.get_num_threads() // workers)
+    ctx = multiprocessing.get_context("spawn")
+    waiting = list(todo)
+    running: dict[Future, str] = {}
+    done = 0
+    # a fresh process per run: no state (threads, allocator, imported code) carries over
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1) as pool:
+        try:
+            while waiting or running:
+                ready = [j for j in waiting
+                         if all(RunDir(runs_dir / a).finished for a in j.after)]
+                for j in ready[:workers - len(running)]:
+                    waiting.remove(j)
+                    running[pool.submit(train_one, config[j.name], str(runs_dir / j.name),
+                                        threads)] = j.name
+                if not running:
+                    raise InputError(f"runs {[j.name for j in waiting]} wait for runs that did "
+                                     f"not finish")
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    fut.result()
+                    done += 1
+                    log.info("[%d/%d] %s finished", done, len(todo), running.pop(fut))
+        except BaseException:
+            for f in running:
+                f.cancel()
+            raise
