@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import fusion, norms
+from ._bias import carry_biases
 from ._pairing import find_pairs
 from ._surgery import (
     ConversionReport,
@@ -176,9 +177,16 @@ def _deploy_tree(model: nn.Module, fold_bn: bool) -> nn.Module:
             slots.setdefault(m.pair_id, []).append(name)
     blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, ACBlock)]
     top = [(n, m) for n, m in blocks if not any(n.startswith(o + ".") for o, _ in blocks)]
+    biased = []
     for name, block in top:
         slot = _nearest_slot(name, block.acnet_pair_id, slots)
-        report.add(name, *_deploy_block(model, block, slot, fold_bn))
+        action, detail = _deploy_block(model, block, slot, fold_bn)
+        if action == "bias-added" and not fold_bn:
+            biased.append(name)  # decided below, once every block is a conv again
+        else:
+            report.add(name, action, detail)
+    if biased:
+        carry_biases(model, biased, report)
     for pid, left in slots.items():
         for slot in left:
             report.notes.append(f"{slot}: an absorbed BatchNorm whose ACBlock is gone "

@@ -15,6 +15,7 @@ from ..errors import require
 from .kernels import PATTERNS
 
 __all__ = ["LONG_TAG", "SHORT_TAG", "VARIANT_COLOURS", "VARIANT_STYLES", "gain_panels", "heatmaps",
+           "scene_samples",
            "sparsity_curves", "sparsity_panels", "training_curves"]
 
 # one colour per variant slug, in every figure (colour-blind-safe Okabe-Ito palette + grey)
@@ -214,4 +215,20 @@ def gain_panels(panels: dict[str, dict[str, dict[str, Any]]], path: str | Path,
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     _legend_below(fig, axes, ncol=2)
+    _save(plt, fig, path, title)
+
+
+def scene_samples(images: torch.Tensor, masks: torch.Tensor, path: str | Path,
+                  title: str = "") -> None:
+    """Scenes (top row, gray) above their class masks (bottom row, one colour per class)."""
+    plt = _plt()
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4), squeeze=False, layout="constrained")
+    for i in range(n):
+        axes[0][i].imshow(images[i, 0].numpy(), cmap="gray", vmin=0, vmax=255)
+        axes[1][i].imshow(masks[i].numpy(), cmap="tab20", vmin=0, vmax=19,
+                          interpolation="nearest")
+        for ax in (axes[0][i], axes[1][i]):
+            ax.set_xticks([])
+            ax.set_yticks([])
     _save(plt, fig, path, title)

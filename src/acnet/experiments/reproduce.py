@@ -23,7 +23,7 @@ from ..io import save_json
 from ..runs import load_deployed_model, run_test_split
 from ..train import RunDir, TrainConfig, build_base_model, train
 from ..train.config import resolve, settings_diff
-from . import finetune
+from . import dense, finetune
 from .presets import (
     ABLATION,
     ACNET,
@@ -48,7 +48,7 @@ __all__ = ["reproduce", "analyze_runs", "write_report", "summary", "RESULTS", "O
            "PRESET_NAMES"]
 
 # studies with their own run matrix and report (the module has run() and summary())
-OTHER_STUDIES = {"finetune": finetune}
+OTHER_STUDIES = {"finetune": finetune, "dense": dense}
 PRESET_NAMES = (*STUDY_PRESETS, *OTHER_STUDIES)
 
 COST_BENCH = "cost_bench.json"  # the training-step benchmark of each model, in the study dir

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +41,15 @@ def train_one(config: dict[str, Any], path: str, threads: int | None) -> str:
 
 
 def train_jobs(jobs: list[Job], runs_dir: Path, *, workers: int = 1,
-               overrides: dict[str, Any] | None = None) -> int:
+               overrides: dict[str, Any] | None = None,
+               trainer: Callable[[dict[str, Any], str, int | None], str] = train_one) -> int:
     """Train every unfinished job under ``runs_dir`` (interrupted ones resume), ``workers`` at a
     time, in the order given, each once its ``after`` runs are finished; returns how many ran.
 
-    ``overrides`` (device, data_dir...) go into every config. The first failure stops the
-    study: finished runs stay finished, interrupted ones resume next time.
+    ``overrides`` (device, data_dir...) go into every config; ``trainer(config, path,
+    threads)`` trains one run (default: ``acnet train``; a module-level function, so worker
+    processes can import it). The first failure stops the study: finished runs stay finished,
+    interrupted ones resume next time.
     """
     names = {j.name for j in jobs}
     todo = [j for j in jobs if not RunDir(runs_dir / j.name).finished]
@@ -60,15 +64,15 @@ def train_jobs(jobs: list[Job], runs_dir: Path, *, workers: int = 1,
     if workers == 1:
         for i, j in enumerate(todo, 1):
             log.info("[%d/%d] %s", i, len(todo), j.name)
-            train_one(config[j.name], str(runs_dir / j.name), None)
+            trainer(config[j.name], str(runs_dir / j.name), None)
     elif todo:
-        _parallel(todo, config, runs_dir, workers)
+        _parallel(todo, config, runs_dir, workers, trainer)
     log.info("%d runs trained in %.0f s", len(todo), time.perf_counter() - t0)
     return len(todo)
 
 
 def _parallel(todo: list[Job], config: dict[str, dict[str, Any]], runs_dir: Path,
-              workers: int) -> None:
+              workers: int, trainer: Callable[[dict[str, Any], str, int | None], str]) -> None:
     """Fresh worker processes sharing the CPU threads; a job starts when its inputs exist."""
     threads = max(1, torch.get_num_threads() // workers)
     ctx = multiprocessing.get_context("spawn")
@@ -83,7 +87,7 @@ def _parallel(todo: list[Job], config: dict[str, dict[str, Any]], runs_dir: Path
                          if all(RunDir(runs_dir / a).finished for a in j.after)]
                 for j in ready[:workers - len(running)]:
                     waiting.remove(j)
-                    running[pool.submit(train_one, config[j.name], str(runs_dir / j.name),
+                    running[pool.submit(trainer, config[j.name], str(runs_dir / j.name),
                                         threads)] = j.name
                 if not running:
                     raise InputError(f"runs {[j.name for j in waiting]} wait for runs that did "
