@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from acnet import convert
+from acnet._env import machine
 from acnet.analysis.cost import time_interleaved
-from acnet.bench import machine
 from acnet.models import build_model
 
 VARIANTS = {"base": None, "acb": {}, "online": {"branch_bn": False, "branch_scale": True}}

@@ -65,7 +65,7 @@ def calibrate_bn(model: nn.Module, make_input, seed: int = 0, batches: int = 2) 
     with torch.no_grad():
         for _ in range(batches):
             model(make_input())
-    for m, mom in zip(bns, saved):
+    for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
     model.train(was)
     return model

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import acnet
 from acnet import ACBlock
+from acnet.alignment import embedded_conv
 from test_block import _conv_ok, geometries
 
 FP32_TOL = 1e-5
@@ -189,9 +190,9 @@ def test_ema_copy_of_a_converted_model_follows_its_updates():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ema(x)  # the first validation
-        for p, q in zip(ema.parameters(), model.parameters()):
+        for p, q in zip(ema.parameters(), model.parameters(), strict=True):
             p.data.mul_(0.9).add_(q.data + torch.randn_like(q) * 0.05, alpha=0.1)
-        for b, c in zip(ema.buffers(), model.buffers()):
+        for b, c in zip(ema.buffers(), model.buffers(), strict=True):
             if b.is_floating_point():
                 b.data.mul_(0.5).add_(c.data.abs() + 0.1, alpha=0.5)
         assert rel_err(ema(x), acnet.deploy(ema)(x)) <= 1e-4
@@ -233,7 +234,7 @@ def test_eval_with_grad_is_differentiable(form):
         block(x)
     block(x).square().sum().backward()
     ref(x).square().sum().backward()
-    for p, q in zip(block.parameters(), ref.parameters()):
+    for p, q in zip(block.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-10)
 
 
@@ -305,7 +306,8 @@ def test_shape_generic_branch_conv_matches_the_planned_one(geom, seed):
     for branch in block.branches():
         w = branch.conv.weight.double()
         planned = block._conv(x, w, branch.row, branch.col, None)
-        generic = block._embedded_conv(padded, w, branch.row, branch.col, None, pads)
+        generic = embedded_conv(padded, w, None, branch.row, branch.col, block.kernel_size[0],
+                                block.stride, block.dilation, block.groups, pads)
         assert generic.shape == planned.shape
         torch.testing.assert_close(generic, planned, rtol=0, atol=1e-12)
 

@@ -292,7 +292,7 @@ def test_compiled_model_is_handled_and_ddp_refused():
         acnet.convert(dp)
     with pytest.raises(TypeError, match="before wrapping"):
         acnet.deploy(dp)
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         acnet.convert("resnet18")
 
 

@@ -309,7 +309,7 @@ def test_frozen_norms_in_a_training_model_take_the_one_conv_path():
     assert rel_err(block(x), ref(x)) <= TOL
     block(x).sum().backward()
     ref(x).sum().backward()
-    for p, q in zip(block.parameters(), ref.parameters()):
+    for p, q in zip(block.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
 
 

@@ -99,7 +99,7 @@ def test_frozen_bn_faster_rcnn_converts_trains_and_deploys(small):
     with torch.no_grad():
         want = model(images)
         got = conv(images)
-    for w, g in zip(want, got):  # the converted detector computes what the original did
+    for w, g in zip(want, got, strict=True):  # the converted detector computes the same
         assert w["boxes"].shape == g["boxes"].shape
         if len(w["boxes"]):
             assert rel_err(g["boxes"], w["boxes"]) <= 1e-4
@@ -121,7 +121,7 @@ def test_frozen_bn_faster_rcnn_converts_trains_and_deploys(small):
     stock.eval()
     with torch.no_grad():
         a, b = conv(images), stock(images)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x["boxes"].shape == y["boxes"].shape
         assert torch.equal(x["labels"], y["labels"])
         if len(x["boxes"]):

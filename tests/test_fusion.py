@@ -107,10 +107,11 @@ def test_merge_kernels_matches_embedded_sum(d, scaled):
                torch.randn(4, 3, d, 1, dtype=torch.float64)]
     places = [(0, 0), (r0, 0), (0, c0)]
     scales = [torch.randn(4, dtype=torch.float64) for _ in kernels] if scaled else None
-    taps = tap_indices(d, [(*k.shape[-2:], r, c) for k, (r, c) in zip(kernels[1:], places[1:])])
+    taps = tap_indices(d, [(*k.shape[-2:], r, c)
+                           for k, (r, c) in zip(kernels[1:], places[1:], strict=True)])
     got = merge_kernels(kernels, taps, scales)
     ref = sum(embed_kernel(k * (1 if scales is None else s.view(-1, 1, 1, 1)), d, r, c)
-              for k, s, (r, c) in zip(kernels, scales or [None] * 3, places))
+              for k, s, (r, c) in zip(kernels, scales or [None] * 3, places, strict=True))
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
 
 

@@ -104,7 +104,7 @@ def test_loader_is_deterministic_sharded_and_augmented():
     b = InMemoryLoader(data.train_x, data.train_y, 32, **kw)
     a.set_epoch(1)
     b.set_epoch(1)
-    for (xa, ya), (xb, yb) in zip(a, b):
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     b.set_epoch(2)
     assert not torch.equal(next(iter(a))[0], next(iter(b))[0])

@@ -17,11 +17,11 @@ from acnet import convert, deploy  # noqa: E402
 from acnet.quantize import (  # noqa: E402
     calibration_array,
     evaluate_onnx,
-    export_int8_run,
     int8_path,
     quantize_model,
     quantize_onnx,
 )
+from acnet.runs import export_int8_run  # noqa: E402
 
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv"}
 
@@ -94,7 +94,7 @@ def test_int8_weights_are_int8_per_channel(exported):
     scales = [init[n.input[1]] for n in graph.node if n.op_type == "DequantizeLinear"
               and n.input[0] in init and init[n.input[0]].ndim == 4]
     assert all(w.dtype == np.int8 for w in conv_weights)
-    assert all(s.shape == (w.shape[0],) for s, w in zip(scales, conv_weights))
+    assert all(s.shape == (w.shape[0],) for s, w in zip(scales, conv_weights, strict=True))
 
 
 @pytest.mark.parametrize("acb", [False, True])
@@ -183,7 +183,7 @@ def test_run_without_data(trained_run, tmp_path):
     (run / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FileNotFoundError, match="missing"):
         export_int8_run(run, tmp_path / "m.onnx")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         export_int8_run(tmp_path, tmp_path / "m.onnx")
     with pytest.raises(ValueError, match="run directory"):
         export_int8_run(trained_run / "deployed.safetensors", tmp_path / "m.onnx")

@@ -274,7 +274,8 @@ def test_training_curves_one_panel_per_model_and_fixed_colours(tmp_path, monkeyp
     # the highest mean stays in view
     epochs = list(range(1, 41))
     rise = [0.5 + 0.44 * min(e, 8) / 8 for e in epochs]  # flat from epoch 8
-    dip = {"epochs": epochs, "mean": [0.80 if e == 30 else a for e, a in zip(epochs, rise)],
+    dip = {"epochs": epochs,
+           "mean": [0.80 if e == 30 else a for e, a in zip(epochs, rise, strict=True)],
            "std": [0.15 if e == 30 else 0.002 for e in epochs]}
     flat = {"epochs": epochs, "mean": rise, "std": [0.002] * 39 + [0.2]}
     plots.training_curves({"m": {"acb": dip, "base": flat}}, tmp_path / "v.png")

@@ -42,7 +42,7 @@ def test_runner_orders_by_dependency_and_resumes(tmp_path):
                 after=("parent",)),
             Job("parent", {**TINY, "block": "base"})]
     with pytest.raises(ValueError, match="lr must be"):  # the first failure stops the study
-        train_jobs(jobs[:1] + [Job("parent", {**TINY, "lr": -1.0})], runs, workers=2)
+        train_jobs([*jobs[:1], Job("parent", {**TINY, "lr": -1.0})], runs, workers=2)
     cycle = [Job("a", dict(TINY), after=("b",)), Job("b", dict(TINY), after=("a",))]
     with pytest.raises(ValueError, match="wait for runs"):
         train_jobs(cycle, runs, workers=2)
@@ -104,7 +104,7 @@ def test_scenes_have_exact_masks_boxes_and_labels():
     for i in range(len(train)):
         boxes, labels = train.boxes[i], train.labels[i]
         assert 1 <= len(labels) <= 3 and len(boxes) == len(labels)
-        for (x0, y0, x1, y1), lab in zip(boxes.long().tolist(), labels.tolist()):
+        for (x0, y0, x1, y1), lab in zip(boxes.long().tolist(), labels.tolist(), strict=True):
             inside = train.masks[i, y0:y1, x0:x1]
             assert (inside == lab).any()  # the item's silhouette is in its box
             rows = (inside == lab).any(1)

@@ -98,14 +98,13 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(tmp_path):
             cmd.append("--resume")
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if epochs_done == 0:
-            assert _wait_for(lambda: (run / "config.json").exists() or proc.poll() is not None)
+            assert _wait_for(lambda p=proc: (run / "config.json").exists() or p.poll() is not None)
         else:
-            assert _wait_for(lambda: _lines(run / "metrics.jsonl") >= epochs_done
-                             or proc.poll() is not None)
+            assert _wait_for(lambda p=proc, n=epochs_done: _lines(run / "metrics.jsonl") >= n
+                             or p.poll() is not None)
         time.sleep(rng.uniform(0, 0.6))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert not list(run.glob("*.pt.*")) or True  # temp files may remain; never a torn .pt
         if (run / "checkpoint.pt").exists():
             load_checkpoint(run / "checkpoint.pt")  # always a complete checkpoint
     cli("train", *args, "--out", run, "--resume")
@@ -198,7 +197,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert m["max_abs_diff_deploy"] < 1e-4
     assert _lines(run / "metrics.jsonl") == 2  # rank 0 alone writes
     # resume on a finished DDP run is a no-op that succeeds
-    proc = subprocess.run([str(c) for c in cmd + ["--resume"]], capture_output=True, text=True,
+    proc = subprocess.run([str(c) for c in [*cmd, "--resume"]], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -507,5 +506,5 @@ def test_compiled_training_gradients_match_eager_with_ceil_mode_avg_pool():
     net, eval_net = _compiled(TrainConfig(compile=True), model, model)
     assert net is eval_net and net is not model
     compiled = torch.autograd.grad(net(x).square().sum(), list(model.parameters()))
-    for a, b in zip(eager, compiled):
+    for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)

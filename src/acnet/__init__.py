@@ -21,6 +21,7 @@ __all__ = [
     "ExportMismatchError",
     "FrozenBatchNorm2d",
     "NormActTail",
+    "__version__",
     "convert",
     "deploy",
     "embed_kernel",
@@ -28,5 +29,4 @@ __all__ = [
     "fold_bn",
     "load_deployed",
     "save_deployed",
-    "__version__",
 ]

@@ -75,7 +75,8 @@ def _conv_map(conv: nn.Conv2d, c: Tensor) -> Tensor:
     """What a conv makes of a per-channel constant input (no zero padding: every window full)."""
     pad = conv.padding
     if pad == "same":
-        padded = any((k - 1) * d > 0 for k, d in zip(conv.kernel_size, conv.dilation))
+        padded = any((k - 1) * d > 0
+                     for k, d in zip(conv.kernel_size, conv.dilation, strict=True))
     else:
         padded = pad != "valid" and any(pad)
     if padded and conv.padding_mode == "zeros":
@@ -132,7 +133,7 @@ def _cat(node: torch.fx.Node, consts: dict, modules: dict, chans: dict, like: Te
     if None in sizes or min(sizes) < 0:
         raise _Escapes("a concatenation whose input channels this graph does not show")
     return torch.cat([consts[a] if a in consts else like.new_zeros(n)
-                      for a, n in zip(node.args[0], sizes)])
+                      for a, n in zip(node.args[0], sizes, strict=True)])
 
 
 def _reader_channels(node: torch.fx.Node, modules: dict[str, nn.Module]) -> int | None:

@@ -30,7 +30,7 @@ from .norms import bn_skip_reason, is_norm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConvUse", "Pairing", "find_pairs", "PROBED"]
+__all__ = ["PROBED", "ConvUse", "Pairing", "find_pairs"]
 
 PROBED = "the given inputs"  # ConvUse.how of a pairing proven by a probe run on example_inputs
 _UNTRACED = ("torch.fx could not trace the code that reads its output, so its BatchNorm cannot "
@@ -128,11 +128,11 @@ def _in_mode(model: nn.Module, flags: list[bool]) -> Iterator[None]:
     mods = list(model.modules())
     before = [m.training for m in mods]
     try:
-        for m, f in zip(mods, flags):
+        for m, f in zip(mods, flags, strict=True):
             m.training = f
         yield
     finally:
-        for m, f in zip(mods, before):
+        for m, f in zip(mods, before, strict=True):
             m.training = f
 
 
@@ -162,7 +162,7 @@ def _graph_uses(graph: torch.fx.Graph, root: nn.Module, prefix: str, names: set[
     its readers outside are unknown.
     """
     modules = dict(root.named_modules())
-    full = (lambda t: f"{prefix}.{t}") if prefix else (lambda t: t)  # noqa: E731
+    full = (lambda t: f"{prefix}.{t}") if prefix else (lambda t: t)
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     reads = [n.target for n in graph.nodes if n.op == "get_attr"]
     out: dict[str, ConvUse] = {}
@@ -409,7 +409,7 @@ def _moves_nothing(model: nn.Module, inputs: tuple, flags: list[bool],
     scale = max((w.abs().max().item() for w in want if w.numel()), default=0.0)
     return len(want) == len(got) and all(
         w.shape == g.shape and (w - g).abs().max().item() <= 1e-5 * max(scale, 1e-12)
-        for w, g in zip(want, got) if w.numel())
+        for w, g in zip(want, got, strict=True) if w.numel())
 
 
 def _probe_mode(model: nn.Module, names: set[str], inputs: tuple, flags: list[bool]

@@ -11,8 +11,17 @@ from torch import nn
 from ._text import first_line
 from .errors import InputError, InputTypeError
 
-__all__ = ["LayerReport", "ConversionReport", "unwrap", "copy_model", "set_submodule",
-           "replace_module", "freeze_like", "self_fusing_ancestor", "SELF_FUSING"]
+__all__ = [
+    "SELF_FUSING",
+    "ConversionReport",
+    "LayerReport",
+    "copy_model",
+    "freeze_like",
+    "replace_module",
+    "self_fusing_ancestor",
+    "set_submodule",
+    "unwrap",
+]
 
 # methods of blocks that re-parameterize themselves (timm's reparameterize_model calls them)
 SELF_FUSING = ("fuse", "reparameterize", "switch_to_deploy")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["first_line"]
+__all__ = ["first_line", "markdown_table"]
 
 
 def first_line(exc: BaseException, limit: int = 160) -> str:
@@ -10,3 +10,14 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
     lines = str(exc).strip().splitlines()
     text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
     return text[:limit]
+
+
+def markdown_table(headers: list[str] | tuple[str, ...], rows: list[list[object]]) -> list[str]:
+    """A GitHub markdown table as lines (``|`` in cells escaped)."""
+    def cell(v: object) -> str:
+        return str(v).replace("|", "\\|")
+
+    out = ["| " + " | ".join(cell(h) for h in headers) + " |",
+           "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return out

@@ -10,7 +10,18 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["input_pads", "axis_plan", "branch_plan", "cached_branch_plan"]
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "axis_plan",
+    "branch_conv",
+    "branch_plan",
+    "cached_branch_plan",
+    "embedded_conv",
+    "input_pads",
+]
 
 
 def input_pads(padding: str | tuple[int, int], d: int, dilation: tuple[int, int]
@@ -79,3 +90,59 @@ def branch_plan(
 
 # branch_plan remembered: plain Python costs a few µs per branch and step
 cached_branch_plan = functools.lru_cache(maxsize=4096)(branch_plan)
+
+
+@torch.jit.unused
+def _remembered(d: int, stride: tuple[int, int], dilation: tuple[int, int],
+                pads: tuple[int, int, int, int], h: int, w: int, kh: int, kw: int, row: int,
+                col: int) -> tuple[int, int, int, int, int, int, int, int, int, int]:
+    return cached_branch_plan(d, stride, dilation, pads, h, w, kh, kw, row, col)
+
+
+def branch_conv(x: Tensor, weight: Tensor, bias: Tensor | None, row: int, col: int, d: int,
+                stride: tuple[int, int], dilation: tuple[int, int], groups: int,
+                pads: tuple[int, int, int, int], padding_mode: str) -> Tensor:
+    """Run a (kh, kw) kernel whose taps sit at (row, col) of a d×d conv's window.
+
+    The result has exactly the square conv's output size and alignment: the input is padded
+    as the square conv pads it (any padding_mode), then cropped to the rows and columns the
+    branch reads, so no extra output rows or columns reach a branch's BatchNorm.
+    """
+    top, bottom, left, right = pads
+    if padding_mode != "zeros" and top + bottom + left + right > 0:
+        x = F.pad(x, [left, right, top, bottom], mode=padding_mode)
+        top, bottom, left, right = 0, 0, 0, 0
+    h, w = x.shape[-2], x.shape[-1]
+    if not isinstance(h, int) or not isinstance(w, int):
+        # symbolic sizes (torch.export / dynamic shapes): no size-dependent plan
+        return embedded_conv(x, weight, bias, row, col, d, stride, dilation, groups,
+                             (top, bottom, left, right))
+    kh, kw = weight.shape[-2], weight.shape[-1]
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():
+        plan = branch_plan(d, stride, dilation, (top, bottom, left, right), h, w, kh, kw, row,
+                           col)
+    else:
+        plan = _remembered(d, stride, dilation, (top, bottom, left, right), h, w, kh, kw, row,
+                           col)
+    ah, bh, ph, eh0, eh1, aw, bw, pw, ew0, ew1 = plan
+    if ah != 0 or aw != 0 or bh != h or bw != w:
+        x = x[..., ah:bh, aw:bw]
+    if ah == bh or aw == bw:  # the branch reads only padding (tiny inputs)
+        x = x.new_zeros([x.shape[0], x.shape[1], bh - ah + eh0 + eh1, bw - aw + ew0 + ew1])
+    elif eh0 + eh1 + ew0 + ew1 > 0:
+        x = F.pad(x, [ew0, ew1, eh0, eh1])
+    return F.conv2d(x, weight, bias, stride, (ph, pw), dilation, groups)
+
+
+def embedded_conv(x: Tensor, weight: Tensor, bias: Tensor | None, row: int, col: int, d: int,
+                  stride: tuple[int, int], dilation: tuple[int, int], groups: int,
+                  pads: tuple[int, int, int, int]) -> Tensor:
+    """The branch as the square conv would run it, its kernel embedded in d×d (any size)."""
+    kh, kw = weight.shape[-2], weight.shape[-1]
+    if kh != d or kw != d:
+        weight = F.pad(weight, [col, d - col - kw, row, d - row - kh])
+    top, bottom, left, right = pads
+    if top != bottom or left != right:
+        x = F.pad(x, [left, right, top, bottom])
+        top, left = 0, 0
+    return F.conv2d(x, weight, bias, stride, (top, left), dilation, groups)

@@ -7,10 +7,7 @@ reported as medians after warm-up; ratios to the baseline are the headline numbe
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -20,17 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._compat import eager_ceil_mode_avg_pools
+from ._env import load_average, machine
+from ._text import markdown_table
 from .analysis.cost import latency_ratio, time_interleaved
 from .block import ACBlock
 from .convert import convert
 from .deploy import deploy
 from .errors import InputError
+from .io import save_json
 from .models import build_model
-from .train.engine import eager_ceil_mode_avg_pools
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StraightforwardACB", "run_bench", "format_table", "TRAINING_VARIANTS"]
+__all__ = ["TRAINING_VARIANTS", "StraightforwardACB", "format_table", "run_bench"]
 
 
 class StraightforwardACB(nn.Module):
@@ -154,14 +154,6 @@ def bench_training(model_name: str, device: torch.device, batch: int, repeats: i
     return out
 
 
-def load_average() -> float | None:
-    """The 1-minute load average (None where the OS has none): others' work skews timings."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
 def bench_inference(model_name: str, device: torch.device, batch: int, repeats: int,
                     warmup: int) -> dict[str, Any]:
     """Eval latency: baseline (conv-BN folded) vs ACNet deployed (fold_bn) vs unfused ACNet."""
@@ -196,23 +188,6 @@ def bench_conversion(repeats: int = 3) -> dict[str, Any] | None:
         dep_t.append(time.perf_counter() - t)
     return {"model": "tv:resnet50", "convert_s": statistics.median(conv_t),
             "deploy_s": statistics.median(dep_t)}
-
-
-def machine() -> dict[str, Any]:
-    """Python, torch, CPU model, threads and GPU name of this machine."""
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def run_bench(*, models: tuple[str, ...] = ("resnet20", "resnet56", "cifar_quick"),
@@ -253,51 +228,43 @@ def _load_cell(r: dict[str, Any]) -> str:
 
 def _training_table(res: dict[str, Any]) -> list[str]:
     """Eager training-step ratios."""
-    lines = ["Training step (forward + backward + SGD), ratio to the conv-BN baseline:", "",
-             "| device | model | batch | memory | base ms | ACB | ACB no branch BN | online ACB | "
-             "straightforward ACB | load |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in res["training"]:
-        q = r["ratio"]
-        fmt = "NHWC" if r.get("channels_last") else "NCHW"  # results before the field: NCHW
-        lines.append(f"| {r['device']} | {r['model']} | {r['batch']} | {fmt} | "
-                     f"{r['ms']['base']:.1f} | "
-                     f"{q['acb']:.2f}x | {q['acb_no_branch_bn']:.2f}x | "
-                     f"{q.get('acb_online', float('nan')):.2f}x | "
-                     f"{q['straightforward_acb']:.2f}x | {_load_cell(r)} |")
-    return lines
+    rows = [[r["device"], r["model"], r["batch"],
+             "NHWC" if r.get("channels_last") else "NCHW",  # results before the field: NCHW
+             f"{r['ms']['base']:.1f}", *(f"{r['ratio'].get(k, float('nan')):.2f}x" for k in
+                                        ("acb", "acb_no_branch_bn", "acb_online",
+                                         "straightforward_acb")), _load_cell(r)]
+            for r in res["training"]]
+    return ["Training step (forward + backward + SGD), ratio to the conv-BN baseline:", "",
+            *markdown_table(["device", "model", "batch", "memory", "base ms", "ACB",
+                             "ACB no branch BN", "online ACB", "straightforward ACB", "load"],
+                            rows)]
 
 
 def _compiled_table(res: dict[str, Any]) -> list[str]:
     """torch.compile'd training steps: ratio to the eager baseline, and compile seconds."""
-    rows = [r for r in res["training"] if "compile_s" in r]
+    rows = [[r["device"], r["model"], r["batch"],
+             *(f"{r['ratio'][f'{k}_compiled']:.2f}x" for k in COMPILED_VARIANTS),
+             " / ".join(f"{r['compile_s'][f'{k}_compiled']:.0f}" for k in COMPILED_VARIANTS),
+             _load_cell(r)] for r in res["training"] if "compile_s" in r]
     if not rows:
         return []
-    lines = ["", "Training step under torch.compile, ratio to the EAGER conv-BN baseline "
-                 "(compile: seconds of the first step):", "",
-             "| device | model | batch | base | ACB | online ACB | compile s base / ACB / online "
-             "| load |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        q, c = r["ratio"], r["compile_s"]
-        lines.append(f"| {r['device']} | {r['model']} | {r['batch']} | "
-                     + " | ".join(f"{q[f'{k}_compiled']:.2f}x" for k in COMPILED_VARIANTS)
-                     + " | " + " / ".join(f"{c[f'{k}_compiled']:.0f}" for k in COMPILED_VARIANTS)
-                     + f" | {_load_cell(r)} |")
-    return lines
+    return ["", "Training step under torch.compile, ratio to the EAGER conv-BN baseline "
+                "(compile: seconds of the first step):", "",
+            *markdown_table(["device", "model", "batch", "base", "ACB", "online ACB",
+                             "compile s base / ACB / online", "load"], rows)]
 
 
 def _inference_table(res: dict[str, Any]) -> list[str]:
     """Eval-mode latency ratios (deployed and unfused)."""
-    lines = ["", "Inference (eval, no grad), ratio to the baseline with conv-BN folded:", "",
-             "| device | model | batch | base ms | ACNet deployed | ACNet unfused | "
-             "unfused / deployed | online ACB unfused | load |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in res["inference"]:
-        q = r["ratio"]
-        lines.append(f"| {r['device']} | {r['model']} | {r['batch']} | {r['ms']['base']:.2f} | "
-                     f"{q['acnet_deployed']:.3f}x | {q['acnet_unfused']:.2f}x | "
-                     f"{r.get('unfused_vs_deployed', float('nan')):.2f}x | "
-                     f"{q.get('online_unfused', float('nan')):.2f}x | {_load_cell(r)} |")
-    return lines
+    rows = [[r["device"], r["model"], r["batch"], f"{r['ms']['base']:.2f}",
+             f"{r['ratio']['acnet_deployed']:.3f}x", f"{r['ratio']['acnet_unfused']:.2f}x",
+             f"{r.get('unfused_vs_deployed', float('nan')):.2f}x",
+             f"{r['ratio'].get('online_unfused', float('nan')):.2f}x", _load_cell(r)]
+            for r in res["inference"]]
+    return ["", "Inference (eval, no grad), ratio to the baseline with conv-BN folded:", "",
+            *markdown_table(["device", "model", "batch", "base ms", "ACNet deployed",
+                             "ACNet unfused", "unfused / deployed", "online ACB unfused",
+                             "load"], rows)]
 
 
 def _memory_table(res: dict[str, Any]) -> list[str]:
@@ -306,14 +273,10 @@ def _memory_table(res: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     names = list(rows[0]["peak_mib"])
-    lines = ["", "Peak CUDA memory of a training step (MiB):", "",
-             "| device | model | batch | " + " | ".join(names) + " |",
-             "|---|---|---|" + "---|" * len(names)]
-    for r in rows:
-        p = r["peak_mib"]
-        lines.append(f"| {r['device']} | {r['model']} | {r['batch']} | "
-                     + " | ".join(f"{p[k]:.0f}" for k in names) + " |")
-    return lines
+    return ["", "Peak CUDA memory of a training step (MiB):", "",
+            *markdown_table(["device", "model", "batch", *names],
+                            [[r["device"], r["model"], r["batch"],
+                              *(f"{r['peak_mib'][k]:.0f}" for k in names)] for r in rows])]
 
 
 def format_table(res: dict[str, Any]) -> str:
@@ -330,6 +293,5 @@ def format_table(res: dict[str, Any]) -> str:
 
 
 def save(res: dict[str, Any], path: str | Path) -> None:
-    """Write a :func:`run_bench` result as indented JSON."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(res, indent=2) + "\n")
+    """Write a :func:`run_bench` result as indented JSON (atomic, no NaN)."""
+    save_json(path, res)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import norms
-from .alignment import branch_plan, cached_branch_plan, input_pads
+from .alignment import branch_conv, input_pads
 from .errors import InputError, InputTypeError
 from .fusion import branch_offsets, merge_kernels, tap_indices
 from .options import ACBOptions
@@ -74,7 +73,7 @@ class ACBlock(nn.Module):
     and run one conv; False runs the branches one by one. Each norm follows its own mode.
     """
 
-    __jit_unused_properties__ = ["is_fused"]
+    __jit_unused_properties__: ClassVar[list[str]] = ["is_fused"]
 
     def __init__(
         self,
@@ -279,54 +278,10 @@ class ACBlock(nn.Module):
     # ------------------------------------------------------------------ forward
     def _conv(self, x: Tensor, weight: Tensor, row: int, col: int,
               bias: Tensor | None) -> Tensor:
-        """Run a (kh, kw) kernel whose taps sit at (row, col) of the d×d window.
-
-        The result has exactly the square conv's output size and alignment: the input is padded
-        as the square conv pads it (any padding_mode), then cropped to the rows and columns
-        this branch reads, so no extra output rows or columns reach the branch's BatchNorm.
-        """
-        top, bottom, left, right = self._pads
-        if self.padding_mode != "zeros" and top + bottom + left + right > 0:
-            x = F.pad(x, [left, right, top, bottom], mode=self.padding_mode)
-            top, bottom, left, right = 0, 0, 0, 0
-        h, w = x.shape[-2], x.shape[-1]
-        if not isinstance(h, int) or not isinstance(w, int):
-            # symbolic sizes (torch.export / dynamic shapes): no size-dependent plan
-            return self._embedded_conv(x, weight, row, col, bias, (top, bottom, left, right))
-        kh, kw = weight.shape[-2], weight.shape[-1]
-        if torch.jit.is_scripting() or torch.compiler.is_compiling():
-            plan = branch_plan(self.kernel_size[0], self.stride, self.dilation,
-                               (top, bottom, left, right), h, w, kh, kw, row, col)
-        else:
-            plan = self._cached_plan(h, w, (top, bottom, left, right), kh, kw, row, col)
-        ah, bh, ph, eh0, eh1, aw, bw, pw, ew0, ew1 = plan
-        if ah != 0 or aw != 0 or bh != h or bw != w:
-            x = x[..., ah:bh, aw:bw]
-        if ah == bh or aw == bw:  # the branch reads only padding (tiny inputs)
-            x = x.new_zeros([x.shape[0], x.shape[1], bh - ah + eh0 + eh1, bw - aw + ew0 + ew1])
-        elif eh0 + eh1 + ew0 + ew1 > 0:
-            x = F.pad(x, [ew0, ew1, eh0, eh1])
-        return F.conv2d(x, weight, bias, self.stride, (ph, pw), self.dilation, self.groups)
-
-    @torch.jit.unused
-    def _cached_plan(self, h: int, w: int, pads: tuple[int, int, int, int], kh: int, kw: int,
-                     row: int, col: int) -> tuple[int, int, int, int, int, int, int, int, int, int]:
-        """:func:`~acnet.alignment.branch_plan` for this block, remembered."""
-        return cached_branch_plan(self.kernel_size[0], self.stride, self.dilation, pads,
-                                  h, w, kh, kw, row, col)
-
-    def _embedded_conv(self, x: Tensor, weight: Tensor, row: int, col: int, bias: Tensor | None,
-                       pads: tuple[int, int, int, int]) -> Tensor:
-        """The branch as the square conv would run it, its kernel embedded in d×d (any size)."""
-        d = self.kernel_size[0]
-        kh, kw = weight.shape[-2], weight.shape[-1]
-        if kh != d or kw != d:
-            weight = F.pad(weight, [col, d - col - kw, row, d - row - kh])
-        top, bottom, left, right = pads
-        if top != bottom or left != right:
-            x = F.pad(x, [left, right, top, bottom])
-            top, left = 0, 0
-        return F.conv2d(x, weight, bias, self.stride, (top, left), self.dilation, self.groups)
+        """A (kh, kw) kernel whose taps sit at (row, col) of the window, aligned with the square
+        conv (:func:`~acnet.alignment.branch_conv`)."""
+        return branch_conv(x, weight, bias, row, col, self.kernel_size[0], self.stride,
+                           self.dilation, self.groups, self._pads, self.padding_mode)
 
     def _branch_sum(self, x: Tensor) -> Tensor:
         """Σ_b bn_b(conv_b(x)): the branch-BN block, each branch at the square's output size."""

@@ -25,8 +25,7 @@ from .cli_studies import (
 from .data import DATASETS, TRANSFORMS
 from .errors import ACNetError, InputError
 from .options import BRANCH_INITS, TRAIN_OPTIONS, ACBOptions
-from .quantize import export_int8_run
-from .runs import deploy_run, evaluate_run, export_run
+from .runs import deploy_run, evaluate_run, export_int8_run, export_run
 from .train import TrainConfig, train
 from .train.config import OPTIMIZERS
 

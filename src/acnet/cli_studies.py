@@ -9,8 +9,15 @@ from .errors import InputError
 from .experiments import PRESET_NAMES, reproduce, summary
 from .runs import analyze_kernels, analyze_sparsity
 
-__all__ = ["positive_int", "add_analyze", "cmd_analyze", "add_reproduce", "cmd_reproduce",
-           "add_bench", "cmd_bench"]
+__all__ = [
+    "add_analyze",
+    "add_bench",
+    "add_reproduce",
+    "cmd_analyze",
+    "cmd_bench",
+    "cmd_reproduce",
+    "positive_int",
+]
 
 
 def positive_int(s: str) -> int:

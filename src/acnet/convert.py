@@ -7,7 +7,7 @@ import logging
 import uuid
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,8 +30,14 @@ from .options import BRANCH_INITS, check_convert_options
 
 log = logging.getLogger(__name__)
 
-__all__ = ["convert", "AbsorbedBatchNorm", "ConversionReport", "LayerReport", "set_submodule",
-           "SMALL_INIT"]
+__all__ = [
+    "SMALL_INIT",
+    "AbsorbedBatchNorm",
+    "ConversionReport",
+    "LayerReport",
+    "convert",
+    "set_submodule",
+]
 
 SMALL_INIT = 0.01  # branch_init="small": the new branches' scale (DyRep's last-BN gamma)
 
@@ -45,7 +51,7 @@ class AbsorbedBatchNorm(nn.Module):
     token: unique across processes and copies).
     """
 
-    __jit_ignored_attributes__ = ["_template"]
+    __jit_ignored_attributes__: ClassVar[list[str]] = ["_template"]
 
     def __init__(self, bn: nn.Module, pair_id: str) -> None:
         super().__init__()
@@ -372,7 +378,7 @@ def _convert_tree(model: nn.Module, preserve: bool, include: Callable | None,
     pairing = find_pairs(model, candidates, example_inputs) if candidates else None
     if pairing is not None and pairing.notes:
         for note in pairing.notes:
-            warnings.warn(note, stacklevel=2)
+            warnings.warn(note, stacklevel=3)
         report.notes.extend(pairing.notes)
     modules = dict(model.named_modules())
     for name in sorted(candidates, key=list(modules).index):

@@ -24,7 +24,7 @@ from .errors import InputTypeError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["deploy", "NormActTail"]
+__all__ = ["NormActTail", "deploy"]
 
 
 class NormActTail(nn.Module):
@@ -83,7 +83,7 @@ def _nearest_slot(name: str, pid: str | None, slots: dict[str, list[str]]) -> st
 
     def shared(slot: str) -> int:
         n = 0
-        for a, b in zip(parts, slot.split(".")):
+        for a, b in zip(parts, slot.split("."), strict=False):
             if a != b:
                 break
             n += 1

@@ -11,7 +11,7 @@ from torch import nn
 
 from .errors import NonFiniteError
 
-__all__ = ["count_params", "evaluate", "exact_float32", "compare_models"]
+__all__ = ["compare_models", "count_params", "evaluate", "exact_float32"]
 
 
 def count_params(model: nn.Module) -> int:

@@ -13,7 +13,7 @@ from .block import ACBlock
 from .deploy import deploy
 from .errors import ACNetError, InputError, require
 
-__all__ = ["export_onnx", "ExportMismatchError"]
+__all__ = ["ExportMismatchError", "export_onnx"]
 
 
 class ExportMismatchError(ACNetError, RuntimeError):

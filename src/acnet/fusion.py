@@ -12,8 +12,13 @@ from torch import Tensor
 from .errors import InputError
 
 __all__ = [
-    "fold_bn", "embed_kernel", "branch_offsets", "bn_identity_params", "tap_indices",
-    "merge_kernels", "bn_scale_shift",
+    "bn_identity_params",
+    "bn_scale_shift",
+    "branch_offsets",
+    "embed_kernel",
+    "fold_bn",
+    "merge_kernels",
+    "tap_indices",
 ]
 
 

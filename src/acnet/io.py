@@ -14,10 +14,19 @@ from torch import nn
 
 from ._text import first_line
 from .block import ACBlock
-from .errors import ACNetError, InputError
+from .errors import ACNetError, InputError, NonFiniteError
 
-__all__ = ["atomic_write_bytes", "save_checkpoint", "load_checkpoint", "save_deployed",
-           "load_deployed", "save_json", "CheckpointError"]
+__all__ = [
+    "CheckpointError",
+    "append_json_line",
+    "atomic_write_bytes",
+    "json_text",
+    "load_checkpoint",
+    "load_deployed",
+    "save_checkpoint",
+    "save_deployed",
+    "save_json",
+]
 
 
 _ALIASES = "acnet_aliases"  # safetensors metadata: names that repeat another tensor
@@ -56,9 +65,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _atomic_write(Path(path), lambda f: f.write(data))
 
 
+def json_text(obj: Any, *, indent: int | None = 2) -> str:
+    """Strict JSON (sorted keys): NaN or infinity is an error, never written."""
+    try:
+        return json.dumps(obj, indent=indent, sort_keys=True, allow_nan=False)
+    except ValueError as exc:
+        raise NonFiniteError(f"refusing to write a non-finite number to JSON ({exc})") from exc
+
+
 def save_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """Atomically write ``obj`` as strict, indented JSON: the one JSON writer of acnet."""
+    atomic_write_bytes(path, (json_text(obj) + "\n").encode())
+
+
+def append_json_line(path: str | os.PathLike, obj: Any) -> None:
+    """Append ``obj`` as one strict JSON line (a torn last line is what readers skip)."""
+    with open(path, "a") as f:
+        f.write(json_text(obj, indent=None) + "\n")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:

@@ -15,10 +15,20 @@ from torch import Tensor, nn
 from .errors import InputError
 from .fusion import bn_scale_shift
 
-__all__ = ["FrozenBatchNorm2d", "is_norm", "is_bn_act", "is_frozen_norm", "has_act",
-           "bn_skip_reason", "num_features", "scale_shift", "uses_batch_stats", "batch_stats_now",
-           "as_batchnorm2d",
-           "as_frozen"]
+__all__ = [
+    "FrozenBatchNorm2d",
+    "as_batchnorm2d",
+    "as_frozen",
+    "batch_stats_now",
+    "bn_skip_reason",
+    "has_act",
+    "is_bn_act",
+    "is_frozen_norm",
+    "is_norm",
+    "num_features",
+    "scale_shift",
+    "uses_batch_stats",
+]
 
 _FROZEN = ("FrozenBatchNorm2d", "FrozenBatchNormAct2d")
 _STATS = ("weight", "bias", "running_mean", "running_var")

@@ -9,8 +9,14 @@ from typing import Any
 
 from .errors import InputError, InputTypeError
 
-__all__ = ["ACBOptions", "PRESERVE_OPTIONS", "FRESH_OPTIONS", "TRAIN_OPTIONS", "BRANCH_INITS",
-           "check_convert_options"]
+__all__ = [
+    "BRANCH_INITS",
+    "FRESH_OPTIONS",
+    "PRESERVE_OPTIONS",
+    "TRAIN_OPTIONS",
+    "ACBOptions",
+    "check_convert_options",
+]
 
 # how the new branches of convert(preserve=True) start: "zero" (they add nothing: the official
 # repo's single_init), "small" (random kernels at a small scale, the square kernel reduced by
@@ -83,7 +89,7 @@ class ACBOptions:
 PRESERVE_OPTIONS = ("horizontal", "vertical", "branch_bn", "branch_scale", "position")
 FRESH_OPTIONS = ACBOptions.names()
 # the options a training run sets (TrainConfig fields of the same names; the CLI's ablation)
-TRAIN_OPTIONS = PRESERVE_OPTIONS + ("gamma_init",)
+TRAIN_OPTIONS = (*PRESERVE_OPTIONS, "gamma_init")
 
 
 def check_convert_options(preserve: bool, options: dict[str, Any]) -> ACBOptions:

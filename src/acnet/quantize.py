@@ -21,18 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import DatasetNotFoundError
 from .data.loader import normalize
 from .errors import InputError, InputTypeError, require
 from .export import export_onnx
-from .runs import export_run, open_run
-from .train.data import in_memory_data, test_split
-from .train.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CALIBRATION_METHODS", "DEFAULT_METHOD", "OnnxEvaluation", "calibration_array",
-           "evaluate_onnx", "export_int8_run", "int8_path", "quantize_model", "quantize_onnx",
+           "check_method", "evaluate_onnx", "int8_path", "quantize_model", "quantize_onnx",
            "sample_calibration_images"]
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -112,7 +108,7 @@ def _calibrate(model_path: Path, images: np.ndarray, input_name: str, method: st
                                "percentile": {"num_bins": 2048, "percentile": percentile},
                                "minmax": {}}[method]
     calibrator = create_calibrator(model_path, None, augmented_model_path=str(
-        cache.with_name("augmented.onnx")), calibrate_method=_check_method(method),
+        cache.with_name("augmented.onnx")), calibrate_method=check_method(method),
         extra_options=options)
     step = _CALIB_BATCH * _CALIB_CHUNK
     with contextlib.redirect_stdout(io.StringIO()) as chatter:
@@ -122,7 +118,7 @@ def _calibrate(model_path: Path, images: np.ndarray, input_name: str, method: st
     log.debug("onnxruntime calibration: %s", chatter.getvalue().strip())
 
 
-def _check_method(method: str) -> Any:
+def check_method(method: str) -> Any:
     _, q = _require_ort()
     if method not in CALIBRATION_METHODS:
         raise InputError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, "
@@ -145,7 +141,7 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     """
     import onnx
 
-    calib = _check_method(method)
+    calib = check_method(method)
     _, q = _require_ort()
     if not 0 < percentile <= 100:
         raise InputError(f"percentile must be in (0, 100], got {percentile}")
@@ -211,19 +207,6 @@ def evaluate_onnx(path: str | os.PathLike, loader: Iterable[Any], *,
     return OnnxEvaluation(correct / total, np.concatenate(preds))
 
 
-def _run_data(cfg: Any, run: Path):
-    """The run's in-memory dataset, training and test split limited as it was trained."""
-
-    if cfg.dataset == "imagenet":
-        raise InputError("INT8 export of an imagenet run needs your calibration loader: call "
-                         "acnet.quantize.quantize_model(model, path, loader) in Python")
-    try:
-        return in_memory_data(cfg)
-    except FileNotFoundError as exc:
-        raise DatasetNotFoundError(f"INT8 export of {run} calibrates and evaluates on its "
-                                   f"{cfg.dataset} images: {exc}") from exc
-
-
 def sample_calibration_images(data: Any, num_images: int, seed: int = 0) -> torch.Tensor:
     """``num_images`` training images of an in-memory dataset, drawn without replacement by
     ``seed``, normalized as the model sees them (no augmentation)."""
@@ -238,33 +221,3 @@ def sample_calibration_images(data: Any, num_images: int, seed: int = 0) -> torc
     mean = torch.tensor(data.mean).view(1, -1, 1, 1)
     std = torch.tensor(data.std).view(1, -1, 1, 1)
     return normalize(data.train_x[idx[:num_images]], mean, std)
-
-
-def export_int8_run(run_dir: str | os.PathLike, onnx_path: str | os.PathLike, *,
-                    calibration_images: int = 512, seed: int = 0, method: str = DEFAULT_METHOD,
-                    per_channel: bool = True, write: bool = True) -> dict[str, Any]:
-    """``acnet export RUN --onnx FILE --int8``: fp32 and INT8 ONNX of the run's deployed model
-    (calibrated on ``calibration_images`` training images drawn by ``seed``), both evaluated
-    on its test set; the results go to ``RUN/export.json`` (when ``write``)."""
-
-    _require_ort()
-    _check_method(method)
-    cfg, run = open_run(run_dir)
-    if not run.is_dir():
-        raise InputError(f"INT8 export needs a run directory (for its data), got {run}")
-    data = _run_data(cfg, run)
-    calib = sample_calibration_images(data, calibration_images, seed)
-    exported = export_run(run, onnx_path)
-    fp32 = Path(exported["onnx"])
-    int8 = quantize_onnx(fp32, int8_path(fp32), calib, method=method, per_channel=per_channel)
-    test = test_split(cfg, data=data).loader
-    ref, got = evaluate_onnx(fp32, test), evaluate_onnx(int8, test)
-    result = {**exported, "int8_onnx": str(int8), "onnx_test_acc": ref.accuracy,
-              "int8_test_acc": got.accuracy,
-              "int8_agreement": float((ref.predictions == got.predictions).mean()),
-              "calibration_images": calibration_images, "calibration_seed": seed,
-              "calibration_method": method, "per_channel": per_channel,
-              "test_images": len(got.predictions)}
-    if write:
-        RunDir(run).write_export(result)
-    return result

@@ -12,23 +12,33 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from . import quantize
 from ._text import first_line
 from .analysis import kernel_magnitude, plots, sparsity_study
 from .analysis.kernels import dominant_kernel_size
-from .data import DATASETS
+from .data import DATASETS, DatasetNotFoundError, ImageData
 from .deploy import deploy
 from .errors import InputError, NonFiniteError
 from .evaluation import evaluate
 from .export import export_onnx
-from .io import CheckpointError, load_deployed
+from .io import CheckpointError, load_deployed, save_json
 from .train.config import TrainConfig, build_base_model, build_training_model
-from .train.data import Split, test_split
+from .train.data import Split, in_memory_data, test_split
 from .train.init_from import add_conv_biases
 from .train.rundir import RunDir
 
-__all__ = ["open_run", "load_trained", "load_deployed_model", "deploy_run", "run_metrics",
-           "run_test_split", "evaluate_run", "export_run", "analyze_kernels",
-           "analyze_sparsity"]
+__all__ = [
+    "analyze_kernels",
+    "analyze_sparsity",
+    "deploy_run",
+    "evaluate_run",
+    "export_int8_run",
+    "export_run",
+    "load_deployed_model",
+    "load_trained",
+    "open_run",
+    "run_test_split",
+]
 
 
 def open_run(path: str | os.PathLike) -> tuple[TrainConfig, Path]:
@@ -132,11 +142,6 @@ def deploy_run(run_dir: str | os.PathLike) -> tuple[Path, Any, float]:
     return out, deployed.acnet_report, diff
 
 
-def run_metrics(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """metrics.json of a finished run, or None."""
-    return RunDir(run_dir).read_metrics()
-
-
 def run_test_split(cfg: TrainConfig, *, transform: str = "none", test_limit: int | None = None,
                    device: str = "cpu") -> Split:
     """The test loader of a run's dataset: its own test limit unless ``test_limit`` is given."""
@@ -202,8 +207,7 @@ def analyze_kernels(runs: list[str | os.PathLike], kernel_size: int | None = Non
         plots.heatmaps({Path(k).name: m for k, m in mats.items()}, figure,
                        "average normalized kernel magnitude")
     if json_path:
-        Path(json_path).write_text(json.dumps({Path(k).name: v.tolist() for k, v in mats.items()},
-                                              indent=2) + "\n")
+        save_json(json_path, {Path(k).name: v.tolist() for k, v in mats.items()})
     return mats
 
 
@@ -228,5 +232,48 @@ def analyze_sparsity(runs: list[str | os.PathLike], ratios: list[float], draws: 
         curves = {f"{Path(run).name}: {pattern}": cur
                   for run, study in results.items() for pattern, cur in study.items()}
         plots.sparsity_curves(curves, figure, "accuracy after zeroing kernel weights")
-        Path(figure).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        save_json(Path(figure).with_suffix(".json"), results)
     return results
+
+
+def _run_data(cfg: TrainConfig, run: Path) -> ImageData:
+    """The run's in-memory dataset, training and test split limited as it was trained."""
+
+    if cfg.dataset == "imagenet":
+        raise InputError("INT8 export of an imagenet run needs your calibration loader: call "
+                         "acnet.quantize.quantize_model(model, path, loader) in Python")
+    try:
+        return in_memory_data(cfg)
+    except FileNotFoundError as exc:
+        raise DatasetNotFoundError(f"INT8 export of {run} calibrates and evaluates on its "
+                                   f"{cfg.dataset} images: {exc}") from exc
+
+
+def export_int8_run(run_dir: str | os.PathLike, onnx_path: str | os.PathLike, *,
+                    calibration_images: int = 512, seed: int = 0, method: str = "minmax",
+                    per_channel: bool = True, write: bool = True) -> dict[str, Any]:
+    """``acnet export RUN --onnx FILE --int8``: fp32 and INT8 ONNX of the run's deployed model
+    (calibrated on ``calibration_images`` training images drawn by ``seed``), both evaluated
+    on its test set; the results go to ``RUN/export.json`` (when ``write``)."""
+
+    quantize.check_method(method)
+    cfg, run = open_run(run_dir)
+    if not run.is_dir():
+        raise InputError(f"INT8 export needs a run directory (for its data), got {run}")
+    data = _run_data(cfg, run)
+    calib = quantize.sample_calibration_images(data, calibration_images, seed)
+    exported = export_run(run, onnx_path)
+    fp32 = Path(exported["onnx"])
+    int8 = quantize.quantize_onnx(fp32, quantize.int8_path(fp32), calib, method=method,
+                                  per_channel=per_channel)
+    test = test_split(cfg, data=data).loader
+    ref, got = quantize.evaluate_onnx(fp32, test), quantize.evaluate_onnx(int8, test)
+    result = {**exported, "int8_onnx": str(int8), "onnx_test_acc": ref.accuracy,
+              "int8_test_acc": got.accuracy,
+              "int8_agreement": float((ref.predictions == got.predictions).mean()),
+              "calibration_images": calibration_images, "calibration_seed": seed,
+              "calibration_method": method, "per_channel": per_channel,
+              "test_images": len(got.predictions)}
+    if write:
+        RunDir(run).write_export(result)
+    return result

@@ -11,8 +11,14 @@ from ..block import ACBlock
 from ..deploy import deploy
 from ..errors import InputError
 
-__all__ = ["kernel_magnitude", "sparsify", "pattern_mask", "PATTERNS", "square_convs",
-           "dominant_kernel_size"]
+__all__ = [
+    "PATTERNS",
+    "dominant_kernel_size",
+    "kernel_magnitude",
+    "pattern_mask",
+    "sparsify",
+    "square_convs",
+]
 
 PATTERNS = ("skeleton", "corners", "global")
 
@@ -95,7 +101,7 @@ def sparsify(model: nn.Module, pattern: str, ratio: float, seed: int = 0, *,
             w = conv.weight
             sel = w[:, :, mask]  # (O, I, k) copy of the pattern's weights
             n = sel.numel()
-            k = int(round(ratio * n))
+            k = round(ratio * n)
             if k == 0:
                 continue
             idx = torch.randperm(n, generator=g)[:k]

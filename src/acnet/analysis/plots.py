@@ -58,7 +58,7 @@ def heatmaps(mats: dict[str, torch.Tensor], path: str | Path, title: str = "") -
     fig, axes = plt.subplots(1, n, figsize=(3.0 * n + 0.8, 3.3), squeeze=False,
                              constrained_layout=True)
     image = None
-    for ax, (name, m) in zip(axes[0], mats.items()):
+    for ax, (name, m) in zip(axes[0], mats.items(), strict=True):
         m = m.float()
         image = ax.imshow(m.numpy(), cmap="viridis", vmin=0, vmax=1)
         for i in range(m.shape[0]):
@@ -86,7 +86,7 @@ def _legend_below(fig, axes, ncol: int = 4) -> None:
     """One legend for the whole figure, below the panels (each label once)."""
     seen: dict[str, Any] = {}
     for ax in axes:
-        for h, label in zip(*ax.get_legend_handles_labels()):
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(label, h)
     if seen:
         fig.legend(list(seen.values()), list(seen), loc="upper center", ncol=min(ncol, len(seen)),
@@ -111,7 +111,7 @@ def training_curves(panels: dict[str, dict[str, dict[str, Any]]], path: str | Pa
     """Accuracy per epoch, one panel per key, ``panels[panel][slug] = {epochs, mean, std}``."""
     plt = _plt()
     fig, axes = _grid(plt, max(len(panels), 1))
-    for ax, (name, lines) in zip(axes, panels.items()):
+    for ax, (name, lines) in zip(axes, panels.items(), strict=True):
         for slug, c in lines.items():
             _band(ax, c["epochs"], c["mean"], c["std"], *_style(slug),
                   (labels or {}).get(slug, slug))
@@ -130,8 +130,8 @@ def _zoom(ax, curves) -> None:
     if not curves or max(max(c["epochs"]) for c in curves) < 5:
         return
     first = max(2, round(0.2 * max(max(c["epochs"]) for c in curves)) + 1)
-    points = [(m, s) for c in curves for m, s, e in zip(c["mean"], c["std"], c["epochs"])
-              if e >= first]
+    points = [(m, s) for c in curves
+              for m, s, e in zip(c["mean"], c["std"], c["epochs"], strict=True) if e >= first]
     if not points:
         return
     lows = sorted(m - s for m, s in points)
@@ -168,7 +168,7 @@ def sparsity_panels(studies: dict[str, dict[str, dict[str, Any]]], path: str | P
     found = {p for study in studies.values() for p in study}
     patterns = [p for p in PATTERNS if p in found] + sorted(found - set(PATTERNS))
     fig, axes = _grid(plt, max(len(patterns), 1), width=3.4, height=3.0, sharey=True)
-    for ax, pattern in zip(axes, patterns):
+    for ax, pattern in zip(axes, patterns, strict=True):
         for group, study in studies.items():
             if pattern in study:
                 c = study[pattern]
@@ -200,12 +200,12 @@ def gain_panels(panels: dict[str, dict[str, dict[str, Any]]], path: str | Path,
     The x axis is logarithmic when x spans more than a factor of 10."""
     plt = _plt()
     fig, axes = _grid(plt, max(len(panels), 1), width=4.2, height=3.2, sharey=True)
-    for ax, (name, lines) in zip(axes, panels.items()):
+    for ax, (name, lines) in zip(axes, panels.items(), strict=True):
         xs_all = [x for c in lines.values() for x in c["x"]]
         for i, (label, c) in enumerate(lines.items()):
             colour = (colours or {}).get(label, f"C{i % 10}")
             ax.plot(c["x"], c["mean"], "-", color=colour, lw=1.5, marker="o", ms=3, label=label)
-            for x, seeds in zip(c["x"], c["seeds"]):
+            for x, seeds in zip(c["x"], c["seeds"], strict=True):
                 ax.plot([x] * len(seeds), seeds, ".", color=colour, ms=4, alpha=0.6)
         ax.axhline(0, color="#000000", lw=0.8)
         if xs_all and max(xs_all) > 10 * min(xs_all) > 0:

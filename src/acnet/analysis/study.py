@@ -12,7 +12,7 @@ from ..errors import InputError
 from ..evaluation import evaluate
 from .kernels import PATTERNS, dominant_kernel_size, sparsify
 
-__all__ = ["sparsity_study", "robustness"]
+__all__ = ["robustness", "sparsity_study"]
 
 
 def sparsity_study(model: nn.Module, test_loader, ratios: list[float], draws: int = 3,

@@ -14,8 +14,14 @@ from .idx import read_idx
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImageData", "DatasetNotFoundError", "load_dataset", "check_data_dir", "DATASETS",
-           "FMNIST_DIRS"]
+__all__ = [
+    "DATASETS",
+    "FMNIST_DIRS",
+    "DatasetNotFoundError",
+    "ImageData",
+    "check_data_dir",
+    "load_dataset",
+]
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic")
 FMNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)

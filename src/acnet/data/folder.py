@@ -10,7 +10,7 @@ from ..errors import require
 from .datasets import DatasetNotFoundError, check_data_dir
 from .loader import apply_transform
 
-__all__ = ["FolderLoader", "imagenet_train_loader", "imagenet_test_loader"]
+__all__ = ["FolderLoader", "imagenet_test_loader", "imagenet_train_loader"]
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

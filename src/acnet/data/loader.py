@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..errors import InputError
 
-__all__ = ["InMemoryLoader", "augment", "normalize", "apply_transform", "TRANSFORMS"]
+__all__ = ["TRANSFORMS", "InMemoryLoader", "apply_transform", "augment", "normalize"]
 
 TRANSFORMS = ("none", "hflip", "vflip", "rot90")
 

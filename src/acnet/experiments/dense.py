@@ -19,20 +19,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..bench import machine
+from .._env import machine
 from ..convert import convert
 from ..data import load_dataset
 from ..data.scenes import Scenes, scene_splits
 from ..deploy import deploy
 from ..errors import InputError, NonFiniteError, require
-from ..io import atomic_write_bytes, load_checkpoint, save_checkpoint, save_json
+from ..io import (
+    append_json_line,
+    atomic_write_bytes,
+    load_checkpoint,
+    save_checkpoint,
+    save_json,
+)
 from .runner import Job, train_jobs
 from .stats import compare, markdown_table, pm, signed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DenseStudy", "DENSE", "VARIANTS", "build_segmenter", "train_segmenter", "miou",
-           "jobs", "run", "summary"]
+__all__ = [
+    "DENSE",
+    "VARIANTS",
+    "DenseStudy",
+    "build_segmenter",
+    "jobs",
+    "miou",
+    "run",
+    "summary",
+    "train_segmenter",
+]
 
 RESULTS = "results.json"
 CURVES = "curves.png"
@@ -174,8 +189,7 @@ def train_segmenter(config: dict[str, Any], path: str, threads: int | None = Non
         seconds += time.perf_counter() - t0
         row = {"epoch": epoch + 1, "train_loss": loss, "test_miou": ev["miou"],
                "test_pixel_acc": ev["pixel_acc"], "seconds": seconds}
-        with open(lines, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_json_line(lines, row)
         save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "epoch": epoch + 1,
                                "seconds": seconds, "rng": torch.get_rng_state()})

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..bench import machine
+from .._env import machine
 from ..io import save_json
 from ..train import RunDir
 from .results import curve_rise
@@ -28,8 +28,17 @@ from .stats import Comparison, compare, markdown_table, pm, signed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FinetuneStudy", "FINETUNE", "VARIANTS", "SOURCES", "jobs", "collect", "report",
-           "run", "summary"]
+__all__ = [
+    "FINETUNE",
+    "SOURCES",
+    "VARIANTS",
+    "FinetuneStudy",
+    "collect",
+    "jobs",
+    "report",
+    "run",
+    "summary",
+]
 
 RESULTS = "results.json"
 FIGURE = "gains.png"
@@ -223,8 +232,9 @@ def _sources_table(res: FinetuneResults) -> list[str]:
     acb = {r.seed: r.test_acc for r in res.sources.get("acb", [])}
     c = compare(base, acb)
     lines = markdown_table(["source", "seeds", "test accuracy (%)", "per seed"], rows)
-    return lines + ["", f"ACNet source vs plain source: {_verdict_words(c)} "
-                        f"(2 s.e. = {2 * 100 * c.se:.2f})." if c.paired else ""]
+    verdict = (f"ACNet source vs plain source: {_verdict_words(c)} (2 s.e. = "
+               f"{2 * 100 * c.se:.2f}).") if c.paired else ""
+    return [*lines, "", verdict]
 
 
 def _size_table(res: FinetuneResults, size: int) -> list[str]:

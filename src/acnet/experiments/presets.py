@@ -7,9 +7,24 @@ from typing import Any
 
 from ..errors import InputError
 
-__all__ = ["ABLATION", "ACNET", "BASE", "CORNER", "LONG", "MAIN", "ONLINE", "RunSpec", "SHORT",
-           "STUDY_PRESETS", "StudyPreset", "Variant", "legacy_name", "runs_of", "schedule_epochs",
-           "tier"]
+__all__ = [
+    "ABLATION",
+    "ACNET",
+    "BASE",
+    "CORNER",
+    "LONG",
+    "MAIN",
+    "ONLINE",
+    "SHORT",
+    "STUDY_PRESETS",
+    "RunSpec",
+    "StudyPreset",
+    "Variant",
+    "legacy_name",
+    "runs_of",
+    "schedule_epochs",
+    "tier",
+]
 
 
 @dataclass

@@ -40,7 +40,7 @@ from .results import (
     schedule_of,
 )
 
-__all__ = ["write_report", "main_table", "deployment_lines", "progress_lines"]
+__all__ = ["deployment_lines", "main_table", "progress_lines", "write_report"]
 
 TRANSFORM_TITLES = {"none": "normal", "hflip": "horizontal flip", "vflip": "vertical flip",
                     "rot90": "rotate 90°"}
@@ -265,7 +265,7 @@ def _kernels(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
     lines = ["## Kernel magnitude matrix", ""]
     missing = _group_pending(preset, res, res["kernel_magnitude"])
     if not res["kernel_magnitude"]:
-        return lines + [_pending(missing), ""] if missing else []
+        return [*lines, _pending(missing), ""] if missing else []
     mats = {k: torch.tensor(v) for k, v in res["kernel_magnitude"].items()}
     plots.heatmaps(mats, out / "kernel_magnitude.png",
                    f"{_ablation_runs(preset)}: average normalized kernel magnitude")
@@ -277,7 +277,7 @@ def _kernels(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
         lines.append(f"- {k}: centre {m[d // 2, d // 2].item():.3f}, skeleton mean "
                      f"{_pattern_mean(m, 'skeleton'):.3f}, corner mean "
                      f"{_pattern_mean(m, 'corners'):.3f}")
-    return lines + ([""] + [_pending(missing)] if missing else []) + [""]
+    return lines + (["", _pending(missing)] if missing else []) + [""]
 
 
 def _test_images(preset: StudyPreset) -> str:
@@ -291,7 +291,7 @@ def _sparsity(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
     lines = ["## Sparsifying the skeleton vs the corners", ""]
     missing = _group_pending(preset, res, res["sparsity"])
     if not res["sparsity"]:
-        return lines + [_pending(missing), ""] if missing else []
+        return [*lines, _pending(missing), ""] if missing else []
     colours = {t: plots.VARIANT_COLOURS[s] for t, s in STUDY_GROUPS.items()}
     plots.sparsity_panels(res["sparsity"], out / "sparsity.png",
                           f"{_ablation_runs(preset)}: accuracy after zeroing kernel weights "
@@ -389,7 +389,7 @@ def _plateau(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
                       "–"]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     if len(lines) == 6:
-        return lines[:4] + [_pending(pending_runs(res, variants=(BASE,), schedule=MAIN)), ""]
+        return [*lines[:4], _pending(pending_runs(res, variants=(BASE,), schedule=MAIN)), ""]
     return lines + [""] + [f"- {w}" for w in words] + ([""] if words else [])
 
 
@@ -400,7 +400,7 @@ def _int8(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     lines = ["## INT8 deployment", ""]
     status = res.get("int8_status", {})
     if not status.get("available", False):
-        return lines + [f"Not measured: {status.get('error') or 'no INT8 results'}.", ""]
+        return [*lines, f"Not measured: {status.get('error') or 'no INT8 results'}.", ""]
     rows = int8_rows(res, (BASE, ACNET, ONLINE))
     first = next((r["int8"] for r in res["runs"].values() if r.get("int8")), None)
     if first:
@@ -440,7 +440,7 @@ def _inference_cost(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
                      f"{c['macs_acnet_deployed']:,} | {c['latency_ms_base']:.3f} | "
                      f"{c['latency_ms_acnet']:.3f} | {_load_cell(c)} |")
     if not res["cost"]:
-        return lines[:2] + [_pending(missing), ""]
+        return [*lines[:2], _pending(missing), ""]
     return lines + [""] + ([_pending(missing), ""] if missing else [])
 
 
@@ -465,7 +465,7 @@ def _training_cost(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     bench = res.get("training_cost", {})
     lines = ["## Training cost", ""]
     if not bench:
-        return lines + [_pending(pending_runs(res)), ""]
+        return [*lines, _pending(pending_runs(res)), ""]
     r0 = next(iter(bench.values()))
     lines += [f"Median time of one training step (forward, backward, SGD; batch as trained, "
               f"channels-last) on the CPU, every variant built from the same model and timed "
@@ -484,9 +484,9 @@ def _training_cost(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
                      f"{q.get('acb_online', float('nan')):.2f}× | "
                      f"{q.get('acb_no_branch_bn', float('nan')):.2f}× | {_load_cell(r)} | "
                      f"{_wall_clock(res, model)} |")
-    return lines + ["", "The wall-clock column is the runs' own training time per epoch (mean "
-                    "over runs), measured while other runs or work may have shared the CPU: "
-                    "context, not the cost.", ""]
+    return [*lines, "", "The wall-clock column is the runs' own training time per epoch (mean "
+                        "over runs), measured while other runs or work may have shared the CPU: "
+                        "context, not the cost.", ""]
 
 
 def _band(curves: list[list[dict[str, Any]]]) -> dict[str, Any] | None:
@@ -542,8 +542,7 @@ def _curves(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
                   f"({_ablation_runs(preset)}) in the last panels, with ACNet for reference. "
                   f"Same colour, same variant, in every figure.", "",
                   "![training curves](training_curves.png)", ""]
-    return lines + ["Numbers behind every table: `results.json`; per-run directories: "
-                    "`runs/`."]
+    return [*lines, "Numbers behind every table: `results.json`; per-run directories: " "`runs/`."]
 
 
 def write_report(preset: StudyPreset, out: Path, res: dict[str, Any]) -> Path:

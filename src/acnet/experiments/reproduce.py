@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
+from .._env import load_average, machine
 from ..analysis import kernel_magnitude, robustness, sparsity_study
 from ..analysis.cost import count_macs, count_params, latency_ratio
 from ..analysis.kernels import dominant_kernel_size
-from ..bench import bench_training, load_average, machine
+from ..bench import bench_training
 from ..deploy import deploy
 from ..errors import InputError
 from ..io import save_json
@@ -44,8 +45,15 @@ from .results import RESULTS, STUDY_GROUPS, mean_std, plateau_check, schedule_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["reproduce", "analyze_runs", "write_report", "summary", "RESULTS", "OTHER_STUDIES",
-           "PRESET_NAMES"]
+__all__ = [
+    "OTHER_STUDIES",
+    "PRESET_NAMES",
+    "RESULTS",
+    "analyze_runs",
+    "reproduce",
+    "summary",
+    "write_report",
+]
 
 # studies with their own run matrix and report (the module has run() and summary())
 OTHER_STUDIES = {"finetune": finetune, "dense": dense}
@@ -327,7 +335,8 @@ def _int8_of(run: RunDir, calibration_images: int) -> dict[str, Any]:
     cached = run.read_export()
     if cached and all(k in cached for k in INT8_KEYS):
         return cached
-    from ..quantize import export_int8_run, int8_path
+    from ..quantize import int8_path
+    from ..runs import export_int8_run
 
     onnx = run.path / INT8_ONNX
     try:

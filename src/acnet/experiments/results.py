@@ -9,9 +9,20 @@ from typing import Any
 
 from .presets import ACNET, BASE, CORNER, LONG, MAIN, SHORT
 
-__all__ = ["RESULTS", "STUDY_GROUPS", "mean_std", "schedule_of", "accuracies", "main_result",
-           "paired_differences", "deployment_check", "pending_runs", "curve_rise", "plateau_check",
-           "int8_rows"]
+__all__ = [
+    "RESULTS",
+    "STUDY_GROUPS",
+    "accuracies",
+    "curve_rise",
+    "deployment_check",
+    "int8_rows",
+    "main_result",
+    "mean_std",
+    "paired_differences",
+    "pending_runs",
+    "plateau_check",
+    "schedule_of",
+]
 
 RESULTS = "results.json"  # beside report.md in the study directory
 # kernel magnitude and sparsity: these variants of the ablation model, under these titles

@@ -19,7 +19,7 @@ from ..train import RunDir, TrainConfig, train
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Job", "train_one", "train_jobs"]
+__all__ = ["Job", "train_jobs", "train_one"]
 
 
 @dataclass

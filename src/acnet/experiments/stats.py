@@ -7,7 +7,9 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["mean_std", "Comparison", "compare", "pm", "signed", "markdown_table"]
+from .._text import markdown_table
+
+__all__ = ["Comparison", "compare", "markdown_table", "mean_std", "pm", "signed"]
 
 
 def mean_std(xs: Sequence[float]) -> tuple[float, float]:
@@ -77,14 +79,3 @@ def signed(x: float, scale: float = 100.0, digits: int = 2) -> str:
     if math.isnan(x):
         return "—"
     return f"{x * scale:+.{digits}f}".replace("-", "−")
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    """A GitHub markdown table as lines."""
-    def cell(v: object) -> str:
-        return str(v).replace("|", "\\|")
-
-    out = ["| " + " | ".join(cell(h) for h in headers) + " |",
-           "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return out

@@ -9,8 +9,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["cifar_quick", "vgg16", "vgg16_quarter", "resnet20", "resnet56", "resnet110",
-           "wrn16_8", "densenet40"]
+__all__ = [
+    "cifar_quick",
+    "densenet40",
+    "resnet20",
+    "resnet56",
+    "resnet110",
+    "vgg16",
+    "vgg16_quarter",
+    "wrn16_8",
+]
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, relu: bool = True) -> nn.Sequential:

@@ -18,8 +18,17 @@ from ..options import BRANCH_INITS, PRESERVE_OPTIONS, TRAIN_OPTIONS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "MODEL_DEFAULTS", "RUNTIME_FIELDS", "resolve", "build_training_model",
-           "build_base_model", "settings_diff", "acb_options", "OPTIMIZERS"]
+__all__ = [
+    "MODEL_DEFAULTS",
+    "OPTIMIZERS",
+    "RUNTIME_FIELDS",
+    "TrainConfig",
+    "acb_options",
+    "build_base_model",
+    "build_training_model",
+    "resolve",
+    "settings_diff",
+]
 
 # The official ACNet repo's CIFAR settings: batch 128, cosine, lr 0.1 (0.2 for ResNet-56),
 # weight decay 1e-4 (5e-4 for WRN-16-8), gamma_init 1/3 for the ACB branches.

@@ -13,7 +13,7 @@ from ..data.folder import imagenet_test_loader, imagenet_train_loader
 from ..errors import InputError
 from .config import TrainConfig
 
-__all__ = ["Split", "in_memory_data", "train_split", "test_split", "TEST_BATCH"]
+__all__ = ["TEST_BATCH", "Split", "in_memory_data", "test_split", "train_split"]
 
 TEST_BATCH = 512  # in-memory test batches (evaluation only: any size gives the same accuracy)
 

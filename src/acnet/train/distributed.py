@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -15,8 +15,15 @@ from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistInfo", "setup", "teardown", "average_bn_stats", "ranks_agree", "barrier",
-           "any_rank"]
+__all__ = [
+    "DistInfo",
+    "any_rank",
+    "average_bn_stats",
+    "barrier",
+    "ranks_agree",
+    "setup",
+    "teardown",
+]
 
 
 @dataclass
@@ -24,7 +31,7 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def main(self) -> bool:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._compat import eager_ceil_mode_avg_pools
 from ..deploy import deploy
 from ..errors import InputError, NonFiniteError
 from ..evaluation import compare_models, count_params, evaluate
@@ -27,7 +28,7 @@ from .rundir import RunDir, RunDirError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "RunDirError", "DIVERGED_LOSS", "eager_ceil_mode_avg_pools"]
+__all__ = ["DIVERGED_LOSS", "RunDirError", "train"]
 
 # A mean training loss above this is divergence even when finite: a classifier that outputs
 # uniform probabilities has a cross-entropy of ln(classes), about 7 for 1000 classes.
@@ -232,17 +233,6 @@ def _compiled(cfg: TrainConfig, net: nn.Module, model: nn.Module
     eager_ceil_mode_avg_pools(model)
     compiled = torch.compile(net, dynamic=False)
     return compiled, compiled if net is model else torch.compile(model, dynamic=False)
-
-
-def eager_ceil_mode_avg_pools(model: nn.Module) -> None:
-    """Keep ``avg_pool2d`` out of compiled graphs when ``model`` has a ceil_mode AvgPool2d.
-
-    Inductor (torch 2.14, CPU) lowers avg_pool2d's backward with ceil_mode=True wrongly (its
-    forward is right): Cifar-quick's gradients came out up to ~50% off. A graph break runs
-    those pools in eager mode, exactly; it is process-wide and costs only the break.
-    """
-    if any(isinstance(m, nn.AvgPool2d) and m.ceil_mode for m in model.modules()):
-        torch._dynamo.disallow_in_graph(F.avg_pool2d)
 
 
 def _diverged(epoch: int, why: str) -> NonFiniteError:

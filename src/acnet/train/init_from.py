@@ -16,7 +16,7 @@ from .rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["read_source", "load_source", "find_classifier", "add_conv_biases"]
+__all__ = ["add_conv_biases", "find_classifier", "load_source", "read_source"]
 
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "module", "net")
 _ACB_KEYS = ("square_conv.weight", "hor_conv.weight", "ver_conv.weight")

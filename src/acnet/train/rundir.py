@@ -9,13 +9,16 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import InputError, NonFiniteError
+from ..errors import InputError
 from ..io import (
     CheckpointError,
+    append_json_line,
     atomic_write_bytes,
+    json_text,
     load_checkpoint,
     save_checkpoint,
     save_deployed,
+    save_json,
 )
 from .config import TrainConfig
 
@@ -35,17 +38,9 @@ class RunDirError(InputError):
     """The output directory cannot be used as asked (exists without resume, unwritable...)."""
 
 
-def _dumps(obj: Any) -> str:
-    """Strict JSON: NaN or infinity is an error, never written."""
-    try:
-        return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
-    except ValueError as exc:
-        raise NonFiniteError(f"refusing to write a non-finite number to JSON ({exc})") from exc
-
-
 def _write_json(path: Path, obj: Any) -> None:
     """Atomically write strict, indented JSON."""
-    atomic_write_bytes(path, (_dumps(obj) + "\n").encode())
+    save_json(path, obj)
 
 
 def _read_json(path: Path) -> Any:
@@ -150,8 +145,7 @@ class RunDir:
     # metrics
     def append_metrics(self, row: dict[str, Any]) -> None:
         """One epoch's line in metrics.jsonl (strict JSON)."""
-        with open(self.metrics_lines_file, "a") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
+        append_json_line(self.metrics_lines_file, row)
 
     def metrics_lines(self) -> list[dict[str, Any]]:
         """Every complete line of metrics.jsonl (a torn last line is dropped)."""
@@ -172,7 +166,8 @@ class RunDir:
         if not self.metrics_lines_file.exists():
             return
         keep = [r for r in self.metrics_lines() if r.get("epoch", epochs_done + 1) <= epochs_done]
-        self.metrics_lines_file.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        atomic_write_bytes(self.metrics_lines_file,
+                           "".join(json_text(r, indent=None) + "\n" for r in keep).encode())
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         """Write metrics.json (the run is finished)."""
