@@ -143,3 +143,31 @@ def test_dense_study_end_to_end(tmp_path, monkeypatch):
     lines = (run / "metrics.jsonl").read_text().splitlines()
     dense.run(tmp_path, study=study)
     assert (run / "metrics.jsonl").read_text().splitlines() == lines
+
+
+def test_study_progress_reports_runs_epochs_and_time_left(tmp_path):
+    import io
+
+    from acnet.train.progress import StudyProgress
+
+    runs = tmp_path / "runs"
+    for name, lines, finished in (("a", 3, True), ("b", 1, False), ("c", 0, False)):
+        (runs / name).mkdir(parents=True)
+        if name != "c":
+            (runs / name / "config.json").write_text("{}")
+            (runs / name / "metrics.jsonl").write_text('{"epoch": 1}\n' * lines)
+        if finished:
+            (runs / name / "metrics.json").write_text("{}")
+    p = StudyProgress(runs, {"a": 3, "b": 4, "c": 4}, stream=io.StringIO())
+    line = p.line()
+    assert "1/3 runs finished, 4/11 epochs" in line and "running b 1/4" in line
+    assert "left: unknown" in line  # nothing trained since it started watching
+    (runs / "b" / "metrics.jsonl").write_text('{"epoch": 1}\n' * 2)
+    assert "5/11 epochs" in p.line() and "min" in p.line()
+
+
+def test_runner_writes_a_progress_log(tmp_path):
+    runs = tmp_path / "runs"
+    train_jobs([Job("one", dict(TINY))], runs, progress_interval=0.05)
+    text = (tmp_path / "progress.log").read_text()
+    assert "1/1 runs finished, 1/1 epochs" in text

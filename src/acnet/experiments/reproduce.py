@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import platform
-import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +19,7 @@ from ..deploy import deploy
 from ..errors import InputError
 from ..io import save_json
 from ..runs import load_deployed_model, run_test_split
-from ..train import RunDir, TrainConfig, build_base_model, train
+from ..train import RunDir, TrainConfig, build_base_model
 from ..train.config import resolve, settings_diff
 from . import dense, finetune
 from .presets import (
@@ -42,6 +39,7 @@ from .presets import (
 )
 from .report import deployment_lines, main_table, progress_lines, write_report
 from .results import RESULTS, STUDY_GROUPS, mean_std, plateau_check, schedule_of
+from .runner import Job, train_jobs
 
 log = logging.getLogger(__name__)
 
@@ -133,33 +131,15 @@ def _rename_legacy(runs: list[RunSpec], out: Path) -> None:
         src.rename(dst)
 
 
-def _train_one(config: dict[str, Any], path: str, threads: int | None) -> str:
-    """Train (or resume) one run; in a worker process, with ``threads`` torch threads."""
-    if threads:
-        torch.set_num_threads(threads)
-    run = RunDir(path)
-    train(TrainConfig(**config), run.path, resume=run.started)
-    return path
-
-
 def _train_all(runs: list[RunSpec], out: Path, device: str, data_dir: str | None,
                jobs: int = 1) -> None:
-    """Train every run that is not finished (resuming interrupted ones), ``jobs`` at a time."""
-    t0 = time.perf_counter()
-    todo = []
-    for spec in runs:
-        run = RunDir(out / "runs" / spec.name)
-        if not run.finished:
-            todo.append((spec, {**spec.config, "device": device, "data_dir": data_dir}))
-    log.info("%d of %d runs to train%s", len(todo), len(runs),
-             f", {jobs} at a time" if jobs > 1 and todo else "")
-    if jobs == 1:
-        for i, (spec, config) in enumerate(todo, 1):
-            log.info("[%d/%d] %s", i, len(todo), spec.name)
-            _train_one(config, str(out / "runs" / spec.name), None)
-    elif todo:
-        _train_parallel(longest_first(todo, runs, out), out, jobs)
-    log.info("%d runs trained in %.0f s", len(todo), time.perf_counter() - t0)
+    """Train every run that is not finished (resuming interrupted ones), ``jobs`` at a time,
+    by the study's priority (`longest_first`) when several train at once."""
+    todo = [(s, s.config) for s in runs if not _run(out, s).finished]
+    order = longest_first(todo, runs, out) if jobs > 1 else todo
+    done = [s for s in runs if _run(out, s).finished]
+    train_jobs([Job(s.name, s.config) for s, _ in order] + [Job(s.name, s.config) for s in done],
+               out / "runs", workers=jobs, overrides={"device": device, "data_dir": data_dir})
 
 
 def longest_first(todo: list[tuple[RunSpec, dict[str, Any]]], runs: list[RunSpec], out: Path
@@ -202,25 +182,6 @@ def longest_first(todo: list[tuple[RunSpec, dict[str, Any]]], runs: list[RunSpec
         return tier(spec), 0, 0, -expected(item)
 
     return sorted(todo, key=key)
-
-
-def _train_parallel(todo: list[tuple[RunSpec, dict[str, Any]]], out: Path, jobs: int) -> None:
-    """Train the runs in ``jobs`` worker processes sharing the CPU threads; the first failure
-    stops the study (finished runs stay finished, interrupted ones resume next time)."""
-    threads = max(1, torch.get_num_threads() // jobs)
-    ctx = multiprocessing.get_context("spawn")
-    # a fresh process per run: no state (threads, allocator, imported code) carries over
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
-        futures = {pool.submit(_train_one, config, str(out / "runs" / spec.name), threads):
-                   spec.name for spec, config in todo}
-        try:
-            for i, fut in enumerate(as_completed(futures), 1):
-                fut.result()
-                log.info("[%d/%d] %s finished", i, len(todo), futures[fut])
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
 
 
 def _run(out: Path, spec: RunSpec) -> RunDir:

@@ -3,10 +3,11 @@ each starting once the runs it depends on (e.g. its source model) have finished.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +17,33 @@ import torch
 
 from ..errors import InputError
 from ..train import RunDir, TrainConfig, train
+from ..train.progress import StudyProgress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Job", "train_jobs", "train_one"]
+__all__ = ["PROGRESS_LOG", "Job", "train_jobs", "train_one"]
+
+PROGRESS_LOG = "progress.log"  # beside the study's runs/: its progress lines, appended
+
+
+@contextlib.contextmanager
+def _progress_log(path: Path) -> Iterator[None]:
+    """Copy the study's progress lines (and the runner's) into ``path`` while it trains."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    loggers = [logging.getLogger("acnet.progress"), log]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        if lg.getEffectiveLevel() > logging.INFO:
+            lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+        handler.close()
 
 
 @dataclass
@@ -42,14 +66,17 @@ def train_one(config: dict[str, Any], path: str, threads: int | None) -> str:
 
 def train_jobs(jobs: list[Job], runs_dir: Path, *, workers: int = 1,
                overrides: dict[str, Any] | None = None,
-               trainer: Callable[[dict[str, Any], str, int | None], str] = train_one) -> int:
+               trainer: Callable[[dict[str, Any], str, int | None], str] = train_one,
+               progress_interval: float = 5.0) -> int:
     """Train every unfinished job under ``runs_dir`` (interrupted ones resume), ``workers`` at a
     time, in the order given, each once its ``after`` runs are finished; returns how many ran.
 
     ``overrides`` (device, data_dir...) go into every config; ``trainer(config, path,
     threads)`` trains one run (default: ``acnet train``; a module-level function, so worker
     processes can import it). The first failure stops the study: finished runs stay finished,
-    interrupted ones resume next time.
+    interrupted ones resume next time. Progress (runs finished, each running run's epoch, the
+    time left) goes to a bar on a terminal and to the ``acnet.progress`` log every
+    ``progress_interval`` seconds when it changed.
     """
     names = {j.name for j in jobs}
     todo = [j for j in jobs if not RunDir(runs_dir / j.name).finished]
@@ -61,12 +88,15 @@ def train_jobs(jobs: list[Job], runs_dir: Path, *, workers: int = 1,
              f", {workers} at a time" if workers > 1 and todo else "")
     t0 = time.perf_counter()
     config = {j.name: {**j.config, **(overrides or {})} for j in todo}
-    if workers == 1:
-        for i, j in enumerate(todo, 1):
-            log.info("[%d/%d] %s", i, len(todo), j.name)
-            trainer(config[j.name], str(runs_dir / j.name), None)
-    elif todo:
-        _parallel(todo, config, runs_dir, workers, trainer)
+    epochs = {j.name: int(j.config.get("epochs") or 1) for j in jobs}
+    with _progress_log(runs_dir.parent / PROGRESS_LOG), \
+            StudyProgress(runs_dir, epochs, interval=progress_interval):
+        if workers == 1:
+            for i, j in enumerate(todo, 1):
+                log.info("[%d/%d] %s", i, len(todo), j.name)
+                trainer(config[j.name], str(runs_dir / j.name), None)
+        elif todo:
+            _parallel(todo, config, runs_dir, workers, trainer)
     log.info("%d runs trained in %.0f s", len(todo), time.perf_counter() - t0)
     return len(todo)
 
