@@ -13,7 +13,7 @@ fx graph (eval mode) and moves it; anything else keeps the bias, with the reason
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -51,16 +51,16 @@ def _channels(node: Any, modules: dict[str, nn.Module], seen: dict[Any, int | No
         return seen[node]
     out: int | None = None
     if node.op == "call_module":
-        m = modules[node.target]
+        m: Any = modules[str(node.target)]
         if isinstance(m, nn.Conv2d):
             out = m.out_channels
-        elif is_norm(m) and hasattr(m, "running_var") and m.running_var is not None:
+        elif is_norm(m) and getattr(m, "running_var", None) is not None:
             out = m.running_var.numel()
         elif node.args:
             out = _channels(node.args[0], modules, seen)
     elif node.op == "call_function" and node.target is torch.cat and _cat_dim(node) == 1:
-        parts = [_channels(a, modules, seen) for a in node.args[0]]
-        out = None if None in parts else sum(parts)
+        parts = [_channels(a, modules, seen) for a in _listed(node)]
+        out = None if any(p is None for p in parts) else sum(p or 0 for p in parts)
     elif node.op in ("call_function", "call_method") and node.args:
         out = _channels(node.args[0], modules, seen)
     seen[node] = out
@@ -68,7 +68,13 @@ def _channels(node: Any, modules: dict[str, nn.Module], seen: dict[Any, int | No
 
 
 def _cat_dim(node: torch.fx.Node) -> int:
-    return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    """The dim of a torch.cat node."""
+    return cast(int, node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0))
+
+
+def _listed(node: torch.fx.Node) -> list[Any]:
+    """The tensors a torch.cat node concatenates (its first argument)."""
+    return list(cast(list, node.args[0]))
 
 
 def _conv_map(conv: nn.Conv2d, c: Tensor) -> Tensor:
@@ -95,7 +101,7 @@ def _step(node: torch.fx.Node, consts: dict[torch.fx.Node, Tensor],
         return None
     c = consts[ins[0]]
     if node.op == "call_module":
-        m = modules[node.target]
+        m = modules[str(node.target)]
         if isinstance(m, _PASS_MODULES):
             return c
         if isinstance(m, nn.AvgPool2d) and (not any(_pair(m.padding))
@@ -109,7 +115,9 @@ def _step(node: torch.fx.Node, consts: dict[torch.fx.Node, Tensor],
             return sum((consts[a] for a in ins), torch.zeros_like(c))
         if node.target in (operator.sub, torch.sub) and len(node.args) == 2:
             a, b = node.args
-            return consts.get(a, 0) - consts.get(b, 0) if isinstance(a, torch.fx.Node) else None
+            zero = torch.zeros_like(c)
+            return (consts.get(a, zero) if isinstance(a, torch.fx.Node) else zero) - (
+                consts.get(b, zero) if isinstance(b, torch.fx.Node) else zero)
         if node.target is torch.cat and _cat_dim(node) == 1:
             return _cat(node, consts, modules, chans, c)
         if node.target in _PASS_FUNCTIONS and node.args and node.args[0] in consts:
@@ -125,21 +133,23 @@ def _pair(v: Any) -> tuple:
 
 def _cat(node: torch.fx.Node, consts: dict, modules: dict, chans: dict, like: Tensor) -> Tensor:
     """The constant of a channel concatenation: each input's at its offset, zeros elsewhere."""
-    sizes = [_channels(a, modules, chans) for a in node.args[0]]
+    inputs = _listed(node)
+    sizes = [_channels(a, modules, chans) for a in inputs]
     if sizes.count(None) == 1:  # one unknown (e.g. the graph's input): what the reader takes
         total = _reader_channels(node, modules)
         if total is not None:
             sizes[sizes.index(None)] = total - sum(n for n in sizes if n is not None)
-    if None in sizes or min(sizes) < 0:
+    known = [n for n in sizes if n is not None]
+    if len(known) < len(sizes) or min(known) < 0:
         raise _Escapes("a concatenation whose input channels this graph does not show")
     return torch.cat([consts[a] if a in consts else like.new_zeros(n)
-                      for a, n in zip(node.args[0], sizes, strict=True)])
+                      for a, n in zip(inputs, known, strict=True)])
 
 
 def _reader_channels(node: torch.fx.Node, modules: dict[str, nn.Module]) -> int | None:
     """Channels a node's output must have, from a conv or norm module that reads it."""
     for u in node.users:
-        m = modules.get(u.target) if u.op == "call_module" else None
+        m: Any = modules.get(str(u.target)) if u.op == "call_module" else None
         if isinstance(m, nn.Conv2d):
             return m.in_channels
         if m is not None and is_norm(m) and getattr(m, "running_var", None) is not None:

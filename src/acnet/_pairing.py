@@ -17,7 +17,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -144,6 +144,7 @@ def _trace(module: nn.Module) -> torch.fx.Graph | str:
     stored that way would escape the graph, so such a graph is not trusted.
     """
     saved = _snapshot(module)
+    graph: torch.fx.Graph | str
     try:
         graph = _Tracer().trace(module)
     except Exception as exc:  # any tracing failure means: prove pairings another way
@@ -202,14 +203,15 @@ def _single_user(user: torch.fx.Node, conv: nn.Module, modules: dict[str, nn.Mod
                  calls: Counter, full: Callable[[str], str], use: ConvUse) -> None:
     """Fill ``use`` for a conv whose output has exactly one user node."""
     if user.op == "call_module":
-        mod = modules.get(user.target)
+        target = str(user.target)
+        mod = modules.get(target)
         if mod is None or not is_norm(mod):
             return
-        reason = bn_skip_reason(mod, conv)
-        if reason is None and calls[user.target] > 1:
-            reason = f"its BatchNorm {full(user.target)} is called {calls[user.target]} times"
+        reason = bn_skip_reason(mod, cast(nn.Conv2d, conv))
+        if reason is None and calls[target] > 1:
+            reason = f"its BatchNorm {full(target)} is called {calls[target]} times"
         if reason is None:
-            use.bn = full(user.target)
+            use.bn = full(target)
         else:
             use.skip = reason
     elif "norm" in _target_name(user.target).lower():
@@ -399,8 +401,9 @@ def _moves_nothing(model: nn.Module, inputs: tuple, flags: list[bool],
     for i, (conv, _bn) in enumerate(sorted(pairs.items())):
         ref = next(modules[conv].parameters())
         maps[conv] = _affine(modules[conv].out_channels, i, ref.new_zeros(1, 1, 1, 1))
-    at_bn = {modules[bn]: (None, lambda _m, a, _o, c=conv: a[0] * maps[c][0] + maps[c][1])
-             for conv, bn in pairs.items()}
+    at_bn: dict[nn.Module, tuple[Callable | None, Callable | None]] = {
+        modules[bn]: (None, lambda _m, a, _o, c=conv: a[0] * maps[c][0] + maps[c][1])
+        for conv, bn in pairs.items()}
     at_conv: dict[nn.Module, tuple[Callable | None, Callable | None]] = {
         modules[bn]: (None, lambda _m, a, _o: a[0]) for bn in pairs.values()}
     at_conv.update({modules[conv]: (None, lambda _m, _a, o, c=conv: o * maps[c][0] + maps[c][1])
@@ -443,14 +446,14 @@ def _probe_all_modes(model: nn.Module, names: set[str], example_inputs: Any,
         for name, use in seen.items():
             per_mode[name].append((label, use))
     if len(failures) == len(modes):
-        label, exc = failures[0]
+        label, error = failures[0]
         raise InputError(f"the model failed on example_inputs in {label}: "
-                         f"{first_line(exc, 200)}") from exc
+                         f"{first_line(error, 200)}") from error
     for name, uses in per_mode.items():
         if failures:
-            label, exc = failures[0]
+            label, error = failures[0]
             out.uses[name] = ConvUse(skip=f"the model failed on example_inputs in {label} "
-                                          f"({first_line(exc, 120)}), so its BatchNorm cannot "
+                                          f"({first_line(error, 120)}), so its BatchNorm cannot "
                                           f"be proven in that mode", how=PROBED)
         else:
             out.uses[name] = _agree(name, uses)

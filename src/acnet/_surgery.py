@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass, field
+from typing import cast
 
 from torch import nn
 
@@ -15,9 +16,11 @@ __all__ = [
     "SELF_FUSING",
     "ConversionReport",
     "LayerReport",
+    "attach_report",
     "copy_model",
     "freeze_like",
     "replace_module",
+    "report_of",
     "self_fusing_ancestor",
     "set_submodule",
     "unwrap",
@@ -68,6 +71,16 @@ class ConversionReport:
         width = max([len(r.name) for r in self.layers] + [4])
         lines = [head] + [f"  {r.name:<{width}}  {r.action:<11} {r.detail}" for r in self.layers]
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def attach_report(model: nn.Module, report: ConversionReport) -> None:
+    """Give ``model`` its ``acnet_report`` (a plain attribute: no state_dict entry)."""
+    model.__dict__["acnet_report"] = report
+
+
+def report_of(model: nn.Module) -> ConversionReport:
+    """The ``acnet_report`` convert() or deploy() attached to ``model``."""
+    return cast(ConversionReport, model.__dict__["acnet_report"])
 
 
 def unwrap(model: nn.Module, what: str) -> nn.Module:

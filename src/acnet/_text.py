@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = ["first_line", "markdown_table"]
 
 
@@ -12,7 +14,7 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
     return text[:limit]
 
 
-def markdown_table(headers: list[str] | tuple[str, ...], rows: list[list[object]]) -> list[str]:
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
     """A GitHub markdown table as lines (``|`` in cells escaped)."""
     def cell(v: object) -> str:
         return str(v).replace("|", "\\|")

@@ -24,16 +24,16 @@ __all__ = [
 ]
 
 
-def input_pads(padding: str | tuple[int, int], d: int, dilation: tuple[int, int]
+def input_pads(padding: str | tuple[int, ...], d: int, dilation: tuple[int, ...]
                ) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) input padding of a d×d conv with nn.Conv2d's ``padding``.
 
     ``"same"`` pads the extra row/column of an even window at the bottom/right, as nn.Conv2d.
     """
-    if padding == "valid":
-        return 0, 0, 0, 0
-    if padding == "same":
-        th, tw = dilation[0] * (d - 1), dilation[1] * (d - 1)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return 0, 0, 0, 0
+        th, tw = dilation[0] * (d - 1), dilation[1] * (d - 1)  # "same"
         return th // 2, th - th // 2, tw // 2, tw - tw // 2
     ph, pw = padding
     return ph, ph, pw, pw

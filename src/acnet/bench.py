@@ -43,11 +43,11 @@ class StraightforwardACB(nn.Module):
         super().__init__()
         d = block.kernel_size[0]
         p = d // 2
-        kw = {"stride": block.stride, "groups": block.groups, "bias": False}
+        s, g = block.stride, block.groups
         c_in, c_out = block.in_channels, block.out_channels
-        self.square = nn.Conv2d(c_in, c_out, d, padding=p, **kw)
-        self.hor = nn.Conv2d(c_in, c_out, (1, d), padding=(0, p), **kw)
-        self.ver = nn.Conv2d(c_in, c_out, (d, 1), padding=(p, 0), **kw)
+        self.square = nn.Conv2d(c_in, c_out, d, s, padding=p, groups=g, bias=False)
+        self.hor = nn.Conv2d(c_in, c_out, (1, d), s, padding=(0, p), groups=g, bias=False)
+        self.ver = nn.Conv2d(c_in, c_out, (d, 1), s, padding=(p, 0), groups=g, bias=False)
         self.bn_s, self.bn_h, self.bn_v = (nn.BatchNorm2d(c_out) for _ in range(3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,16 +134,18 @@ def bench_training(model_name: str, device: torch.device, batch: int, repeats: i
     x = torch.randn(batch, in_channels, image, image, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
     load0 = load_average()
-    fns, peak, first = {}, {}, {}
+    fns: dict[str, Any] = {}
+    peak: dict[str, float] = {}
+    first: dict[str, float] = {}
     for name, m in _training_models(model_name, compile, in_channels).items():
-        m = m.to(device, memory_format=fmt).train()
+        m = m.to(device).to(memory_format=fmt).train()
         fns[name] = _step_fn(m, x, y, name.endswith("_compiled"))
         if name.endswith("_compiled"):
             first[name] = _first_call_s(fns[name], device)
         if device.type == "cuda":
             peak[name] = _peak_mib(fns[name], device)
     med = time_interleaved(fns, repeats, warmup, device)
-    out = {"model": model_name, "batch": batch, "channels_last": channels_last,
+    out: dict[str, Any] = {"model": model_name, "batch": batch, "channels_last": channels_last,
            "ms": {k: v * 1e3 for k, v in med.items()},
            "ratio": {k: v / med["base"] for k, v in med.items()},
            "load_avg": [load0, load_average()]}
@@ -160,15 +162,16 @@ def bench_inference(model_name: str, device: torch.device, batch: int, repeats: 
     torch.manual_seed(0)
     base = build_model(model_name, in_channels=3, num_classes=10).eval()
     acb = convert(base, preserve=False).eval()
-    online = convert(base, preserve=False, **TRAINING_VARIANTS["acb_online"]).eval()
+    online = convert(base, preserve=False, **(TRAINING_VARIANTS["acb_online"] or {})).eval()
     variants = {"base": deploy(base, fold_bn=True), "acnet_deployed": deploy(acb, fold_bn=True),
                 "acnet_unfused": acb, "online_unfused": online}
     load0 = load_average()
     lat = latency_ratio({k: m.to(device) for k, m in variants.items()}, (batch, 3, 32, 32),
                         repeats=repeats, warmup=warmup, device=device, baseline="base")
     ms = lat["ms"]
-    lat["unfused_vs_deployed"] = ms["acnet_unfused"] / ms["acnet_deployed"]
-    return {"model": model_name, "batch": batch, **lat, "load_avg": [load0, load_average()]}
+    return {"model": model_name, "batch": batch, **lat,
+            "unfused_vs_deployed": ms["acnet_unfused"] / ms["acnet_deployed"],
+            "load_avg": [load0, load_average()]}
 
 
 def bench_conversion(repeats: int = 3) -> dict[str, Any] | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +15,7 @@ from .options import ACBOptions
 
 __all__ = ["ACBlock", "Branch"]
 
+PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 _BRANCH_MODULES = ("square_conv", "square_bn", "hor_conv", "hor_bn", "ver_conv", "ver_bn", "bn")
 _SCALES = ("square_scale", "hor_scale", "ver_scale")
 
@@ -27,7 +28,7 @@ class Branch(NamedTuple):
     """
 
     conv: nn.Conv2d
-    norm: nn.BatchNorm2d | nn.Parameter | None
+    norm: nn.Module | nn.Parameter | None
     row: int
     col: int
 
@@ -74,6 +75,18 @@ class ACBlock(nn.Module):
     """
 
     __jit_unused_properties__: ClassVar[list[str]] = ["is_fused"]
+    if TYPE_CHECKING:  # the submodules present depend on the options (TorchScript reads none)
+        square_conv: nn.Conv2d
+        hor_conv: nn.Conv2d
+        ver_conv: nn.Conv2d
+        square_bn: nn.BatchNorm2d
+        hor_bn: nn.BatchNorm2d
+        ver_bn: nn.BatchNorm2d
+        bn: nn.Module  # a BatchNorm2d, or a FrozenBatchNorm2d after a frozen norm
+        square_scale: nn.Parameter
+        hor_scale: nn.Parameter
+        ver_scale: nn.Parameter
+        _taps: Tensor
 
     def __init__(
         self,
@@ -84,7 +97,7 @@ class ACBlock(nn.Module):
         padding: int | tuple[int, int] | str = 0,
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
-        padding_mode: str = "zeros",
+        padding_mode: PaddingMode = "zeros",
         *,
         horizontal: bool = True,
         vertical: bool = True,
@@ -123,7 +136,10 @@ class ACBlock(nn.Module):
                                      device=device, dtype=dtype)
         sq = self.square_conv
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (d, d)
-        self.stride, self.padding, self.dilation = sq.stride, sq.padding, sq.dilation
+        self.stride: tuple[int, int] = (sq.stride[0], sq.stride[1])
+        self.dilation: tuple[int, int] = (sq.dilation[0], sq.dilation[1])
+        self.padding: str | tuple[int, int] = (
+            sq.padding if isinstance(sq.padding, str) else (sq.padding[0], sq.padding[1]))
         self.groups, self.padding_mode = groups, padding_mode
         self.horizontal, self.vertical = horizontal, vertical
         self.branch_bn, self.branch_scale, self.position = branch_bn, branch_scale, position
@@ -147,8 +163,9 @@ class ACBlock(nn.Module):
         shapes = {"square": None, "hor": (1, d), "ver": (d, 1)}
         names = ["square"] + ["hor"] * self.horizontal + ["ver"] * self.vertical
         for name in names:  # conv, then its BN: the official repo's state_dict order
-            if shapes[name] is not None:
-                setattr(self, f"{name}_conv", nn.Conv2d(cin, cout, shapes[name], **conv_kw))
+            shape = shapes[name]
+            if shape is not None:
+                setattr(self, f"{name}_conv", nn.Conv2d(cin, cout, shape, **conv_kw))
             if self.branch_bn:
                 setattr(self, f"{name}_bn", nn.BatchNorm2d(cout, **bn_kw))
         if not self.branch_bn:
@@ -159,7 +176,7 @@ class ACBlock(nn.Module):
                 setattr(self, f"{name}_scale", nn.Parameter(torch.full((cout,), init, **fk)))
         elif opts.gamma_init is not None:
             for bn in self.batch_norms():
-                nn.init.constant_(bn.weight, init)
+                nn.init.constant_(cast(Tensor, bn.weight), init)
         self._register_taps()
 
     def _register_taps(self) -> None:
@@ -177,8 +194,8 @@ class ACBlock(nn.Module):
 
     def batch_norms(self) -> list[nn.Module]:
         """The block's norms (BatchNorm2d, or a frozen norm as ``bn``; none once fused)."""
-        return [self._modules[n] for n in ("square_bn", "hor_bn", "ver_bn", "bn")
-                if n in self._modules]
+        return [m for n in ("square_bn", "hor_bn", "ver_bn", "bn")
+                if (m := self._modules.get(n)) is not None]
 
     def branches(self) -> list[Branch]:
         """Each present branch: (conv, its BatchNorm / scale / None, row, col in the window)."""
@@ -190,7 +207,8 @@ class ACBlock(nn.Module):
                                         ("ver", self.vertical, 0, c0)):
             if present:
                 norm = self._modules.get(f"{name}_bn", self._parameters.get(f"{name}_scale"))
-                out.append(Branch(self._modules[f"{name}_conv"], norm, row, col))
+                out.append(Branch(cast(nn.Conv2d, self._modules[f"{name}_conv"]), norm, row,
+                                  col))
         return out
 
     def extra_repr(self) -> str:
@@ -232,7 +250,7 @@ class ACBlock(nn.Module):
         """The branch scales of the online block, None without ``branch_scale``."""
         if not hasattr(self, "square_scale"):
             return None
-        out = [self.square_scale]
+        out: list[Tensor] = [self.square_scale]
         if hasattr(self, "hor_scale"):
             out.append(self.hor_scale)
         if hasattr(self, "ver_scale"):
@@ -256,7 +274,7 @@ class ACBlock(nn.Module):
             scale, shift = norms.scale_shift([b.norm for b in branches], dtype)
             return merge_kernels(kernels, self._taps, list(scale.unbind(0))), shift.sum(0)
         scale, shift = norms.scale_shift([self.bn], dtype)
-        scales = [b.norm.to(dtype) for b in branches] if self.branch_scale else None
+        scales = [cast(Tensor, b.norm).to(dtype) for b in branches] if self.branch_scale else None
         kernel = merge_kernels(kernels, self._taps, scales)
         return kernel * scale[0].view(-1, 1, 1, 1).to(kernel.dtype), shift[0]
 
@@ -320,8 +338,8 @@ class ACBlock(nn.Module):
     # ------------------------------------------------------------------ fusion
     def fused_weights(self) -> tuple[Tensor, Tensor]:
         """(kernel, bias) of the equivalent conv, in float64, from the norms' running statistics."""
-        if self.is_fused:
-            conv = self.fused_conv
+        conv = self.fused_conv
+        if conv is not None and conv.bias is not None:
             return conv.weight.detach().double(), conv.bias.detach().double()
         with torch.no_grad():
             return self._fold(torch.float64)
@@ -332,7 +350,7 @@ class ACBlock(nn.Module):
         conv = self.new_conv(bias=True)
         with torch.no_grad():
             conv.weight.copy_(kernel)
-            conv.bias.copy_(bias)
+            cast(Tensor, conv.bias).copy_(bias)
         return conv
 
     def reparameterize(self) -> None:

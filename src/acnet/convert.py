@@ -7,25 +7,28 @@ import logging
 import uuid
 import warnings
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import fusion, norms
-from ._pairing import PROBED, ConvUse, find_pairs
+from ._pairing import PROBED, ConvUse, Pairing, find_pairs
 from ._surgery import (
     ConversionReport,
     LayerReport,
+    attach_report,
     copy_model,
     freeze_like,
     replace_module,
+    report_of,
     self_fusing_ancestor,
     set_submodule,
     unwrap,
 )
 from .block import ACBlock
 from .errors import InputError, InputTypeError
+from .norms import Norm
 from .options import BRANCH_INITS, check_convert_options
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,7 @@ class AbsorbedBatchNorm(nn.Module):
 
     __jit_ignored_attributes__: ClassVar[list[str]] = ["_template"]
 
-    def __init__(self, bn: nn.Module, pair_id: str) -> None:
+    def __init__(self, bn: Norm, pair_id: str) -> None:
         super().__init__()
         self.pair_id = pair_id
         self.bn_class = type(bn).__name__
@@ -71,9 +74,9 @@ class AbsorbedBatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.bn_class}({self.num_features}, eps={self.eps}) absorbed into an ACBlock"
 
-    def make_bn(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    def make_bn(self, device: torch.device, dtype: torch.dtype) -> Norm:
         """A norm of the original class and settings (eps, momentum, affine), to be filled in."""
-        bn = copy.deepcopy(self._template).to(device=device, dtype=dtype)
+        bn: Norm = copy.deepcopy(self._template).to(device=device, dtype=dtype)
         if self.has_act:
             bn.drop, bn.act = self.drop, self.act
         return bn
@@ -81,7 +84,7 @@ class AbsorbedBatchNorm(nn.Module):
 
 # ------------------------------------------------------------------------ which convs
 def _inside_blocks(model: nn.Module) -> set[str]:
-    inside = set()
+    inside: set[str] = set()
     for name, m in model.named_modules():
         if isinstance(m, ACBlock):
             inside.update(f"{name}.{n}" for n, _ in m.named_modules() if n)
@@ -163,26 +166,28 @@ def _identity_bn(conv: nn.Conv2d, eps: float, momentum: float | None) -> nn.Batc
     w = conv.weight
     bn = nn.BatchNorm2d(conv.out_channels, eps=eps, momentum=momentum, device=w.device,
                         dtype=w.dtype)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, device=w.device,
+                                                               dtype=w.dtype)
     mean, var, weight, shift, _ = fusion.bn_identity_params(bias.double(), bn.eps, True)
     with torch.no_grad():
-        for dst, src in ((bn.running_mean, mean), (bn.running_var, var), (bn.weight, weight),
-                         (bn.bias, shift)):
-            dst.copy_(src)
+        for name, src in (("running_mean", mean), ("running_var", var), ("weight", weight),
+                          ("bias", shift)):
+            getattr(bn, name).copy_(src)
     bn.train(conv.training)
     bn.requires_grad_(w.requires_grad)
     return bn
 
 
-def _main_norm(conv: nn.Conv2d, bn: nn.Module | None, block: ACBlock) -> nn.Module:
+def _main_norm(conv: nn.Conv2d, bn: Norm | None, block: ACBlock) -> Norm:
     """The square branch's norm (``bn`` of the merged forms): the absorbed norm (conv bias
     folded into its running mean), an acnet FrozenBatchNorm2d for a frozen one, or an
     identity BN for a conv without one."""
     if bn is None:
-        main = block.square_bn if block.branch_bn else block.bn
+        main: Norm = block.square_bn if block.branch_bn else block.bn
         return _identity_bn(conv, main.eps, main.momentum)
+    new: Norm
     if norms.is_frozen_norm(bn):
-        new: nn.Module = norms.as_frozen(bn)
+        new = norms.as_frozen(bn)
     elif type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm):
         new = copy.deepcopy(bn)
     else:
@@ -193,7 +198,12 @@ def _main_norm(conv: nn.Conv2d, bn: nn.Module | None, block: ACBlock) -> nn.Modu
     return new
 
 
-def _new_block(conv: nn.Conv2d, bn: nn.Module | None, preserve: bool, branch_init: str,
+def _two(t: tuple[int, ...]) -> tuple[int, int]:
+    """A conv's (height, width) pair as a pair."""
+    return t[0], t[1]
+
+
+def _new_block(conv: nn.Conv2d, bn: Norm | None, preserve: bool, branch_init: str,
                options: dict[str, Any]) -> ACBlock:
     """An ACBlock for ``conv`` (and the norm it feeds), with each module's mode and trainability.
 
@@ -213,8 +223,9 @@ def _new_block(conv: nn.Conv2d, bn: nn.Module | None, preserve: bool, branch_ini
         kw.setdefault("momentum", bn.momentum)
         if not preserve:
             kw.setdefault("affine", bn.affine)
-    block = ACBlock(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                    conv.padding, conv.dilation, conv.groups, conv.padding_mode,
+    padding = conv.padding if isinstance(conv.padding, str) else _two(conv.padding)
+    block = ACBlock(conv.in_channels, conv.out_channels, conv.kernel_size[0], _two(conv.stride),
+                    padding, _two(conv.dilation), conv.groups, conv.padding_mode,
                     device=w.device, dtype=w.dtype, **kw)
     trainable = w.requires_grad
     bn_training = conv.training if bn is None else bn.training
@@ -233,7 +244,7 @@ def _new_block(conv: nn.Conv2d, bn: nn.Module | None, preserve: bool, branch_ini
     return block
 
 
-def _preserve(conv: nn.Conv2d, bn: nn.Module | None, block: ACBlock, branch_init: str) -> None:
+def _preserve(conv: nn.Conv2d, bn: Norm | None, block: ACBlock, branch_init: str) -> None:
     """Copy the conv (and norm) into the square branch; start the new branches as chosen."""
     main = _main_norm(conv, bn, block)
     with torch.no_grad():
@@ -244,18 +255,20 @@ def _preserve(conv: nn.Conv2d, bn: nn.Module | None, block: ACBlock, branch_init
             block.bn = main
         new = [n for n in ("hor", "ver") if f"{n}_conv" in block._modules]
         for n in new:
+            bn_n: Any = block._modules.get(f"{n}_bn")
+            conv_n: Any = block._modules[f"{n}_conv"]
             if branch_init == "zero" and block.branch_bn:
-                nn.init.zeros_(block._modules[f"{n}_bn"].weight)
-                nn.init.zeros_(block._modules[f"{n}_bn"].bias)
+                nn.init.zeros_(bn_n.weight)
+                nn.init.zeros_(bn_n.bias)
             elif branch_init == "zero":
-                nn.init.zeros_(block._modules[f"{n}_conv"].weight)
+                nn.init.zeros_(conv_n.weight)
             elif block.branch_bn:
-                nn.init.constant_(block._modules[f"{n}_bn"].weight, SMALL_INIT)
-                nn.init.zeros_(block._modules[f"{n}_bn"].bias)
+                nn.init.constant_(bn_n.weight, SMALL_INIT)
+                nn.init.zeros_(bn_n.bias)
             elif block.branch_scale:
-                nn.init.constant_(block._parameters[f"{n}_scale"], SMALL_INIT)
+                nn.init.constant_(getattr(block, f"{n}_scale"), SMALL_INIT)
             else:
-                block._modules[f"{n}_conv"].weight.mul_(SMALL_INIT)
+                conv_n.weight.mul_(SMALL_INIT)
         if branch_init == "small" and new:
             _compensate(block)
 
@@ -272,7 +285,7 @@ def _compensate(block: ACBlock) -> None:
     if block.branch_bn:
         scale, _ = norms.scale_shift([b.norm for b in branches], dtype)
     elif block.branch_scale:
-        scale = torch.stack([b.norm.detach().to(dtype) for b in branches])
+        scale = torch.stack([cast(Tensor, b.norm).detach().to(dtype) for b in branches])
     else:
         scale = torch.ones(len(branches), block.out_channels, dtype=dtype,
                            device=block.square_conv.weight.device)
@@ -349,15 +362,15 @@ def convert(
     if type(model) is nn.Conv2d:  # a bare conv: the block replaces the root itself
         holder = _convert_tree(nn.Sequential(model), preserve, include, example_inputs,
                                branch_init, acb_options)
-        out, report = holder[0], holder.acnet_report
+        out, report = holder.get_submodule("0"), report_of(holder)
         for r in report.layers:
             r.name = "(root)" if r.name == "0" else r.name
-        out.acnet_report = report
+        attach_report(out, report)
         return out
     return _convert_tree(model, preserve, include, example_inputs, branch_init, acb_options)
 
 
-def _tied_norm(name: str, bn: nn.Module, model: nn.Module) -> str | None:
+def _tied_norm(name: str, bn: Norm, model: nn.Module) -> str | None:
     """Why the norm at ``name`` cannot move into a block: a parameter or buffer of it that
     another module shares (absorbing would untie them)."""
     aliases = [n for n, m in model.named_modules(remove_duplicate=False) if m is bn]
@@ -375,8 +388,8 @@ def _convert_tree(model: nn.Module, preserve: bool, include: Callable | None,
     """convert() on a model whose root is not itself replaced."""
     report = ConversionReport("convert")
     candidates = _candidates(model, include, report)
-    pairing = find_pairs(model, candidates, example_inputs) if candidates else None
-    if pairing is not None and pairing.notes:
+    pairing = find_pairs(model, candidates, example_inputs) if candidates else Pairing()
+    if pairing.notes:
         for note in pairing.notes:
             warnings.warn(note, stacklevel=3)
         report.notes.extend(pairing.notes)
@@ -392,7 +405,7 @@ def _convert_tree(model: nn.Module, preserve: bool, include: Callable | None,
         report.add(name, "converted", detail)
     order = {n: i for i, n in enumerate(modules)}
     report.layers.sort(key=lambda r: order.get(r.name, len(order)))
-    model.acnet_report = report
+    attach_report(model, report)
     log.debug("%s", report)
     return model
 
@@ -400,7 +413,7 @@ def _convert_tree(model: nn.Module, preserve: bool, include: Callable | None,
 def _replace(model: nn.Module, modules: dict[str, nn.Module], name: str, use: ConvUse,
              preserve: bool, branch_init: str, options: dict[str, Any]) -> str:
     """Put an ACBlock in place of conv ``name`` (absorbing its norm); the report's detail."""
-    conv = modules[name]
+    conv = cast(nn.Conv2d, modules[name])
     bn = modules[use.bn] if use.bn else None
     block = _new_block(conv, bn, preserve, branch_init, options)
     if bn is None:

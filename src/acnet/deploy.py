@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import fusion, norms
 from ._bias import carry_biases
 from ._pairing import find_pairs
 from ._surgery import (
     ConversionReport,
+    attach_report,
     copy_model,
     freeze_like,
     replace_module,
+    report_of,
     self_fusing_ancestor,
     unwrap,
 )
 from .block import ACBlock
 from .convert import AbsorbedBatchNorm
 from .errors import InputTypeError
+from .norms import Norm
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,7 @@ class NormActTail(nn.Module):
         return self.act(self.drop(x))
 
 
-def _bn_tail(slot: nn.Module) -> nn.Module:
+def _bn_tail(slot: Norm) -> nn.Module:
     """What replaces a norm slot (a norm or an AbsorbedBatchNorm) once the norm is folded into
     the conv before it: its drop + activation (norm+act layers), else Identity."""
     act = slot.has_act if isinstance(slot, AbsorbedBatchNorm) else norms.has_act(slot)
@@ -55,8 +59,8 @@ def _fused_conv(block: ACBlock, kernel: torch.Tensor, bias: torch.Tensor | None)
     with torch.no_grad():
         conv.weight.copy_(kernel)
         if bias is not None:
-            conv.bias.copy_(bias)
-    square = block.fused_conv if block.is_fused else block.square_conv
+            cast(Tensor, conv.bias).copy_(bias)
+    square = block.fused_conv if block.fused_conv is not None else block.square_conv
     freeze_like(conv, square.weight.requires_grad, square.training)
     if square.weight.is_contiguous(memory_format=torch.channels_last) and not \
             square.weight.is_contiguous():
@@ -95,13 +99,13 @@ def _nearest_slot(name: str, pid: str | None, slots: dict[str, list[str]]) -> st
 
 
 def _restore_bn(model: nn.Module, block: ACBlock, slot: str, kernel: torch.Tensor,
-                bias: torch.Tensor) -> tuple[nn.Conv2d, nn.Module]:
+                bias: torch.Tensor) -> tuple[nn.Conv2d, Norm]:
     """Deployed form with the original tree: (fused conv, a norm of the original class for the
     slot, set to add ``bias``)."""
-    absorbed: AbsorbedBatchNorm = model.get_submodule(slot)
+    absorbed = cast(AbsorbedBatchNorm, model.get_submodule(slot))
     ref = next(block.parameters())
     bn = absorbed.make_bn(ref.device, ref.dtype)
-    main = _main_bn(block)
+    main: Norm = _main_bn(block)
     if isinstance(bn, nn.modules.batchnorm._BatchNorm) and isinstance(
             main, nn.modules.batchnorm._BatchNorm):  # settings changed since convert
         bn.eps, bn.momentum = main.eps, main.momentum
@@ -160,10 +164,10 @@ def deploy(model: nn.Module, *, inplace: bool = False, fold_bn: bool = False) ->
         model = copy_model(model, "deploy")
     if isinstance(model, ACBlock):  # a bare block: its fused conv replaces the root itself
         holder = _deploy_tree(nn.Sequential(model), fold_bn)
-        out, report = holder[0], holder.acnet_report
+        out, report = holder.get_submodule("0"), report_of(holder)
         for r in report.layers:
             r.name = "(root)" if r.name == "0" else r.name
-        out.acnet_report = report
+        attach_report(out, report)
         return out
     return _deploy_tree(model, fold_bn)
 
@@ -193,7 +197,7 @@ def _deploy_tree(model: nn.Module, fold_bn: bool) -> nn.Module:
                                 f"(pair {pid[:8]}); left as is")
     if fold_bn:
         _fold_plain_pairs(model, report)
-    model.acnet_report = report
+    attach_report(model, report)
     log.debug("%s", report)
     return model
 
@@ -221,7 +225,7 @@ def _fold_plain_pairs(model: nn.Module, report: ConversionReport) -> None:
                         dtype=conv.weight.dtype)
         with torch.no_grad():
             new.weight.copy_(k)
-            new.bias.copy_(b)
+            cast(Tensor, new.bias).copy_(b)
         freeze_like(new, conv.weight.requires_grad, conv.training)
         replace_module(model, conv, new)
         replace_module(model, bn, _bn_tail(bn))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import NonFiniteError
+from .errors import InputError, NonFiniteError
 
 __all__ = ["compare_models", "count_params", "evaluate", "exact_float32"]
 
@@ -27,8 +27,8 @@ def exact_float32(device: torch.device | str = "cpu") -> Iterator[None]:
         stack.enter_context(torch.autocast(device.type, enabled=False))
         if device.type == "cuda":
             for owner in (torch.backends.cudnn, torch.backends.cuda.matmul):
-                stack.callback(setattr, owner, "allow_tf32", owner.allow_tf32)
-                owner.allow_tf32 = False
+                stack.callback(setattr, owner, "allow_tf32", getattr(owner, "allow_tf32"))  # noqa: B009
+                setattr(owner, "allow_tf32", False)  # noqa: B010 (a module, typed loosely)
         yield
 
 
@@ -76,8 +76,11 @@ def compare_models(trained: nn.Module, deployed: nn.Module, loader: Iterable[Any
     difference|) and ``prediction_agreement`` (share of identical top-1 predictions).
     """
     with exact_float32(device):
-        acc, logits = evaluate(trained, loader, keep_logits=True, check_finite=True)
-        dep_acc, dep_logits = evaluate(deployed, loader, keep_logits=True, check_finite=True)
+        acc, kept = evaluate(trained, loader, keep_logits=True, check_finite=True)
+        dep_acc, dep_kept = evaluate(deployed, loader, keep_logits=True, check_finite=True)
+    if kept is None or dep_kept is None:
+        raise InputError("the loader yielded no batches")
+    logits, dep_logits = kept, dep_kept
     return {"test_acc": acc, "deployed_test_acc": dep_acc,
             "max_abs_diff_deploy": (dep_logits - logits).abs().max().item(),
             "prediction_agreement":

@@ -7,7 +7,7 @@ import os
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 
+M = TypeVar("M", bound=nn.Module)
 _ALIASES = "acnet_aliases"  # safetensors metadata: names that repeat another tensor
 
 
@@ -146,6 +147,16 @@ def save_deployed(model: nn.Module, path: str | os.PathLike,
     if aliases:
         metadata[_ALIASES] = json.dumps(aliases, sort_keys=True)
     atomic_write_bytes(path, st_save(state, metadata=metadata or None))
+
+
+@overload
+def load_deployed(path: str | os.PathLike, model: None = None, *, strict: bool = True,
+                  device: str = "cpu") -> dict[str, torch.Tensor]: ...
+
+
+@overload
+def load_deployed(path: str | os.PathLike, model: M, *, strict: bool = True,
+                  device: str = "cpu") -> M: ...
 
 
 def load_deployed(path: str | os.PathLike, model: nn.Module | None = None, *,

@@ -9,6 +9,8 @@ buffers; they are recognized by class name so neither library is imported here.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -31,6 +33,9 @@ __all__ = [
 ]
 
 _FROZEN = ("FrozenBatchNorm2d", "FrozenBatchNormAct2d")
+# a BatchNorm2d, SyncBatchNorm, timm's BatchNormAct2d, or a frozen norm of any library: the
+# functions below read their statistics by name (duck typing), so they take Any
+Norm = Any
 _STATS = ("weight", "bias", "running_mean", "running_var")
 
 
@@ -41,17 +46,21 @@ class FrozenBatchNorm2d(nn.Module):
     what they compute, in training mode too, so the block's new branches train with any batch.
     """
 
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None
                  ) -> None:
         super().__init__()
         self.num_features = num_features
         self.eps = eps
-        kw = {"device": device, "dtype": dtype}
-        self.register_buffer("weight", torch.ones(num_features, **kw))
-        self.register_buffer("bias", torch.zeros(num_features, **kw))
-        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
-        self.register_buffer("running_var", torch.ones(num_features, **kw))
+        for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0),
+                           ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((num_features,), fill, device=device,
+                                                  dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
@@ -62,14 +71,14 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
-def is_frozen_norm(m: nn.Module) -> bool:
+def is_frozen_norm(m: Norm) -> bool:
     """torchvision's or timm's frozen BatchNorm (or acnet's): fixed statistics, no batch ones."""
     return (type(m).__name__ in _FROZEN and not isinstance(m, nn.modules.batchnorm._NormBase)
             and all(isinstance(getattr(m, n, None), Tensor) for n in _STATS)
             and isinstance(getattr(m, "eps", None), (int, float)))
 
 
-def num_features(norm: nn.Module) -> int:
+def num_features(norm: Norm) -> int:
     """Channels of a norm (frozen norms have no ``num_features`` attribute)."""
     return norm.running_var.numel()
 
@@ -83,19 +92,19 @@ def is_norm(m: nn.Module) -> bool:
         isinstance(c, nn.Conv2d) for c in m.modules())
 
 
-def is_bn_act(bn: nn.Module) -> bool:
+def is_bn_act(bn: Norm) -> bool:
     """timm's BatchNormAct2d: a BatchNorm2d followed by its own ``drop`` and ``act`` modules."""
     return (type(bn).__name__ == "BatchNormAct2d" and isinstance(bn, nn.BatchNorm2d)
             and has_act(bn))
 
 
-def has_act(m: nn.Module) -> bool:
+def has_act(m: Norm) -> bool:
     """A norm+act layer (timm's BatchNormAct2d, FrozenBatchNormAct2d): ``drop`` and ``act``."""
     return isinstance(getattr(m, "act", None), nn.Module) and isinstance(
         getattr(m, "drop", None), nn.Module)
 
 
-def bn_skip_reason(bn: nn.Module, conv: nn.Conv2d) -> str | None:
+def bn_skip_reason(bn: Norm, conv: nn.Conv2d) -> str | None:
     """Why ``bn`` cannot be absorbed into an ACBlock after ``conv`` (None: it can)."""
     kind = type(bn).__name__
     frozen = is_frozen_norm(bn)
@@ -115,25 +124,25 @@ def bn_skip_reason(bn: nn.Module, conv: nn.Conv2d) -> str | None:
     return None
 
 
-def uses_batch_stats(norm: nn.Module) -> bool:
+def uses_batch_stats(norm: Norm) -> bool:
     """True if ``norm`` normalizes with batch statistics even in eval mode (no running ones)."""
     return not is_frozen_norm(norm) and (not norm.track_running_stats
                                          or norm.running_var is None)
 
 
-def batch_stats_now(norm: nn.Module) -> bool:
+def batch_stats_now(norm: Norm) -> bool:
     """True if ``norm`` normalizes with batch statistics in its current mode (a BatchNorm in
     training mode, or one without running statistics); a frozen norm never does."""
     return not is_frozen_norm(norm) and (norm.training or uses_batch_stats(norm))
 
 
-def _check_running_stats(norm: nn.Module) -> None:
+def _check_running_stats(norm: Norm) -> None:
     if uses_batch_stats(norm):
         raise InputError("cannot fold a BatchNorm2d with track_running_stats=False: it has no "
                          "running statistics")
 
 
-def scale_shift(norms: list[nn.Module], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def scale_shift(norms: list[Norm], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Stacked (scale, shift), each (len(norms), C), of eval-mode norms (y·scale_b + shift_b).
 
     Differentiable in the affine parameters; a norm without them counts as weight 1, bias 0.
@@ -145,17 +154,19 @@ def scale_shift(norms: list[nn.Module], dtype: torch.dtype) -> tuple[Tensor, Ten
     if len({n.eps for n in norms}) > 1:
         eps = torch.tensor([[n.eps] for n in norms], dtype=dtype,
                            device=first.running_var.device)
-    return bn_scale_shift(_stack(norms, "running_mean", dtype),
-                          _stack(norms, "running_var", dtype), eps,
-                          _stack(norms, "weight", dtype), _stack(norms, "bias", dtype))
+    mean, var = _stack(norms, "running_mean", dtype), _stack(norms, "running_var", dtype)
+    if mean is None or var is None:  # _check_running_stats refused these already
+        raise InputError("cannot fold norms without running statistics")
+    return bn_scale_shift(mean, var, eps, _stack(norms, "weight", dtype),
+                          _stack(norms, "bias", dtype))
 
 
-def _stack(norms: list[nn.Module], name: str, dtype: torch.dtype) -> Tensor | None:
+def _stack(norms: list[Norm], name: str, dtype: torch.dtype) -> Tensor | None:
     """One statistic or affine parameter of several norms as a (B, C) tensor in ``dtype``."""
     values = [getattr(n, name, None) for n in norms]
     if all(v is None for v in values):
         return None
-    if len(values) == 1:
+    if len(values) == 1 and values[0] is not None:
         return values[0].to(dtype).unsqueeze(0)
     fill = 1.0 if name == "weight" else 0.0
     ref = norms[0].running_var
@@ -163,7 +174,7 @@ def _stack(norms: list[nn.Module], name: str, dtype: torch.dtype) -> Tensor | No
                         for v in values]).to(dtype)
 
 
-def as_batchnorm2d(bn: nn.Module) -> nn.BatchNorm2d:
+def as_batchnorm2d(bn: Norm) -> nn.BatchNorm2d:
     """A plain BatchNorm2d with the statistics, affine parameters and mode of any BN subclass."""
     out = nn.BatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                          device=bn.running_mean.device, dtype=bn.running_mean.dtype)
@@ -179,7 +190,7 @@ def as_batchnorm2d(bn: nn.Module) -> nn.BatchNorm2d:
     return out
 
 
-def as_frozen(norm: nn.Module) -> FrozenBatchNorm2d:
+def as_frozen(norm: Norm) -> FrozenBatchNorm2d:
     """acnet's FrozenBatchNorm2d computing the norm part of a frozen norm (any library's)."""
     ref = norm.running_var
     out = FrozenBatchNorm2d(ref.numel(), float(norm.eps), device=ref.device, dtype=ref.dtype)

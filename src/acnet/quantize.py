@@ -85,8 +85,9 @@ def calibration_array(data: Any, num_images: int | None = None) -> np.ndarray:
 def _reader(images: np.ndarray, input_name: str):
     """An onnxruntime CalibrationDataReader over ``images`` in fixed-size batches."""
     _, q = _require_ort()
+    base: Any = q.CalibrationDataReader  # a class of the optional onnxruntime
 
-    class _Reader(q.CalibrationDataReader):
+    class _Reader(base):
         def __init__(self) -> None:
             self.pending = (images[i:i + _CALIB_BATCH] for i in range(0, len(images), _CALIB_BATCH))
 
@@ -104,9 +105,10 @@ def _calibrate(model_path: Path, images: np.ndarray, input_name: str, method: st
     as the quantized bins) leaves one candidate threshold, the full range, i.e. MinMax."""
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
-    options: dict[str, Any] = {"entropy": {"num_bins": _ENTROPY_BINS, "num_quantized_bins": 128},
-                               "percentile": {"num_bins": 2048, "percentile": percentile},
-                               "minmax": {}}[method]
+    choices: dict[str, dict[str, Any]] = {
+        "entropy": {"num_bins": _ENTROPY_BINS, "num_quantized_bins": 128},
+        "percentile": {"num_bins": 2048, "percentile": percentile}, "minmax": {}}
+    options = choices[method]
     calibrator = create_calibrator(model_path, None, augmented_model_path=str(
         cache.with_name("augmented.onnx")), calibrate_method=check_method(method),
         extra_options=options)

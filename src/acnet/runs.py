@@ -134,7 +134,8 @@ def deploy_run(run_dir: str | os.PathLike) -> tuple[Path, Any, float]:
         raise InputError(f"acnet deploy needs a run directory, got {path}")
     trained = load_trained(path)
     deployed = deploy(trained)
-    x = torch.randn(8, cfg.in_channels, cfg.input_size or 32, cfg.input_size or 32,
+    channels, _, size = cfg.data_shape
+    x = torch.randn(8, channels, size, size,
                     generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (deployed(x) - trained(x)).abs().max().item()
@@ -184,13 +185,13 @@ def export_run(path: str | os.PathLike, onnx_path: str | os.PathLike) -> dict[st
     the relative max error of onnxruntime against PyTorch."""
     out = _check_output_file(onnx_path, "--onnx")
     cfg, _ = open_run(path)
-    size = cfg.input_size or 32
-    err = export_onnx(load_deployed_model(path), out, (1, cfg.in_channels, size, size))
+    channels, _, size = cfg.data_shape
+    err = export_onnx(load_deployed_model(path), out, (1, channels, size, size))
     return {"onnx": str(out), "relative_error": err}
 
 
 def analyze_kernels(runs: list[str | os.PathLike], kernel_size: int | None = None, *,
-                    figure: str | os.PathLike | None = None,
+                    figure: str | Path | None = None,
                     json_path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
     """Kernel magnitude matrix of each run (keyed by the run's path as given); optionally
     plotted (titled by directory name) and saved as JSON."""
@@ -213,7 +214,7 @@ def analyze_kernels(runs: list[str | os.PathLike], kernel_size: int | None = Non
 
 def analyze_sparsity(runs: list[str | os.PathLike], ratios: list[float], draws: int = 3, *,
                      test_limit: int | None = None,
-                     figure: str | os.PathLike | None = None) -> dict[str, Any]:
+                     figure: str | Path | None = None) -> dict[str, Any]:
     """Accuracy after zeroing kernel weights, per run and pattern; with ``figure``, the plot and
     ``figure``'s .json beside it."""
     if not ratios or any(not 0 <= r <= 1 for r in ratios):
@@ -243,10 +244,13 @@ def _run_data(cfg: TrainConfig, run: Path) -> ImageData:
         raise InputError("INT8 export of an imagenet run needs your calibration loader: call "
                          "acnet.quantize.quantize_model(model, path, loader) in Python")
     try:
-        return in_memory_data(cfg)
+        data = in_memory_data(cfg)
     except FileNotFoundError as exc:
         raise DatasetNotFoundError(f"INT8 export of {run} calibrates and evaluates on its "
                                    f"{cfg.dataset} images: {exc}") from exc
+    if data is None:
+        raise InputError(f"{run} streams its data; INT8 export calibrates on in-memory data")
+    return data
 
 
 def export_int8_run(run_dir: str | os.PathLike, onnx_path: str | os.PathLike, *,

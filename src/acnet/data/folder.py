@@ -18,9 +18,11 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class FolderLoader:
     """Wrap a DataLoader so it moves batches to the device and reshuffles per epoch."""
 
-    def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device) -> None:
+    def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device,
+                 images: int = 0) -> None:
         self.loader = loader
         self.device = device
+        self.images = images  # how many images one pass yields
 
     def set_epoch(self, epoch: int) -> None:
         sampler = self.loader.sampler
@@ -87,4 +89,4 @@ def imagenet_test_loader(root: str | None, batch_size: int, *, device: torch.dev
     val = datasets.ImageFolder(str(_split_dir(root, "val")), tf)
     loader = torch.utils.data.DataLoader(val, batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda")
-    return FolderLoader(loader, device), len(val.classes)
+    return FolderLoader(loader, device, len(val)), len(val.classes)

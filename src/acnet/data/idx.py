@@ -13,8 +13,9 @@ from ..errors import InputError
 
 __all__ = ["read_idx"]
 
-_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-           0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
 def read_idx(path: str | Path) -> torch.Tensor:
@@ -27,7 +28,7 @@ def read_idx(path: str | Path) -> torch.Tensor:
         raise InputError(f"{path} is not an IDX file (bad magic {data[:4].hex()})")
     ndim = data[3]
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    dtype = np.dtype(_DTYPES[data[2]])
+    dtype = _DTYPES[data[2]]
     count = int(np.prod(dims))
     body = data[4 + 4 * ndim :]
     if len(body) != count * dtype.itemsize:

@@ -282,7 +282,7 @@ def _figures(done: dict, out: Path, test: Scenes | None) -> list[str]:
     from ..analysis import plots
 
     lines = []
-    panels = {"test mIoU per epoch": {}}
+    panels: dict[str, dict[str, dict[str, Any]]] = {"test mIoU per epoch": {}}
     for v, runs in done.items():
         curves = [r["curve"] for r in runs.values()]
         n = min(len(c) for c in curves)

@@ -206,7 +206,7 @@ def _run_entries(preset: StudyPreset, out: Path, runs: list[RunSpec]) -> dict[st
     for spec in runs:
         run = _run(out, spec)
         entry = {"model": spec.model, "variant": spec.variant, "schedule": spec.schedule,
-                 "label": spec.label, "seed": spec.seed, **run.read_metrics(),
+                 "label": spec.label, "seed": spec.seed, **(run.read_metrics() or {}),
                  "curve": run.metrics_lines()}
         if (preset.ablation and spec.model == preset.ablation_model
                 and spec.variant in ABLATION and spec.schedule == preset.ablation_schedule):
@@ -253,7 +253,8 @@ def _cost(model_name: str, out: Path, runs: list[RunSpec], entries: dict[str, An
     if base_spec is None or acb_spec is None:
         return None
     cfg = _run(out, base_spec).read_config()
-    shape = (1, cfg.in_channels, cfg.input_size, cfg.input_size)
+    channels, _, size = cfg.data_shape
+    shape = (1, channels, size, size)
     base = deploy(build_base_model(cfg).eval(), fold_bn=True)
     acb = deploy(load_deployed_model(_run(out, acb_spec).path), fold_bn=True)
     load0 = load_average()
@@ -284,7 +285,7 @@ def _training_cost(preset: StudyPreset, out: Path, runs: list[RunSpec]) -> dict[
         log.info("training-step benchmark: %s", model)
         r = bench_training(model, torch.device("cpu"), batch=cfg.batch_size,
                            repeats=BENCH_REPEATS, warmup=BENCH_WARMUP,
-                           image=cfg.input_size or cfg.image_size, in_channels=cfg.in_channels)
+                           image=cfg.data_shape[2], in_channels=cfg.data_shape[0])
         cache[model] = {**r, "repeats": BENCH_REPEATS, "warmup": BENCH_WARMUP,
                         "threads": torch.get_num_threads()}
         save_json(path, cache)

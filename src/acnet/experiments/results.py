@@ -161,7 +161,7 @@ def plateau_check(res: dict[str, Any], model: str) -> dict[str, Any]:
     else:
         noise = 2 * s * math.sqrt(1 + 1 / len(base)) if len(base) > 1 else None
     delta = ml - m if base else None
-    verdict = "n/a" if noise is None else (
+    verdict = "n/a" if noise is None or delta is None else (
         "outside seed noise" if abs(delta) > noise else "within seed noise")
     by_seed = {r["seed"]: r["deployed_test_acc"] for r in base}
     paired = {r["seed"]: r["deployed_test_acc"] - by_seed[r["seed"]] for r in long

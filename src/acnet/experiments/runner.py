@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -110,7 +111,9 @@ def _parallel(todo: list[Job], config: dict[str, dict[str, Any]], runs_dir: Path
     running: dict[Future, str] = {}
     done = 0
     # a fresh process per run: no state (threads, allocator, imported code) carries over
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1) as pool:
+    # (Python 3.10 has no max_tasks_per_child: its workers are reused between runs)
+    fresh: dict[str, Any] = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, **fresh) as pool:
         try:
             while waiting or running:
                 ready = [j for j in waiting

@@ -36,8 +36,10 @@ def _first_conv_to(model: nn.Module, in_channels: int) -> nn.Module:
                 return model
             if m.groups != 1:
                 raise InputError(f"cannot adapt grouped first conv {name} to {in_channels} inputs")
-            new = nn.Conv2d(in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
-                            m.dilation, 1, m.bias is not None, m.padding_mode)
+            pair = lambda t: (t[0], t[1])  # noqa: E731 nn.Conv2d keeps 2-tuples
+            padding = m.padding if isinstance(m.padding, str) else pair(m.padding)
+            new = nn.Conv2d(in_channels, m.out_channels, pair(m.kernel_size), pair(m.stride),
+                            padding, pair(m.dilation), 1, m.bias is not None, m.padding_mode)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
             return model

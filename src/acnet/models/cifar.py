@@ -48,7 +48,8 @@ def cifar_quick(*, in_channels: int = 3, num_classes: int = 10) -> nn.Module:
     ))
 
 
-_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+_VGG16: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+                           512, 512, 512, "M"]
 
 
 def _vgg(width: float, in_channels: int, num_classes: int) -> nn.Module:
@@ -56,7 +57,7 @@ def _vgg(width: float, in_channels: int, num_classes: int) -> nn.Module:
     layers: list[nn.Module] = []
     c = in_channels
     for v in _VGG16:
-        if v == "M":
+        if isinstance(v, str):  # "M"
             layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
         else:
             layers.append(conv_bn(c, int(v * width)))

@@ -104,6 +104,21 @@ class TrainConfig:
     num_classes: int | None = None
     input_size: int | None = None
 
+    @property
+    def schedule(self) -> tuple[int, float, float]:
+        """(epochs, lr, weight_decay) of a resolved config (:func:`resolve` fills them)."""
+        if self.epochs is None or self.lr is None or self.weight_decay is None:
+            raise InputError("the config is not resolved: call acnet.train.config.resolve()")
+        return self.epochs, self.lr, self.weight_decay
+
+    @property
+    def data_shape(self) -> tuple[int, int, int]:
+        """(in_channels, num_classes, input_size) the run's dataset filled in."""
+        if self.in_channels is None or self.num_classes is None:
+            raise InputError("config lacks in_channels/num_classes (not a finished acnet run "
+                             "config)")
+        return self.in_channels, self.num_classes, self.input_size or self.image_size
+
     def to_json(self) -> str:
         """Indented JSON with sorted keys."""
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -188,15 +203,16 @@ def _check(cfg: TrainConfig) -> None:
         _positive_int(cfg, name, optional=True)
     _check_choices(cfg)
     _check_finetune(cfg)
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise InputError(f"lr must be a positive number, got {cfg.lr}", params=("lr",))
-    if not cfg.weight_decay >= 0:
-        raise InputError(f"weight_decay must be >= 0, got {cfg.weight_decay}",
+    epochs, lr, weight_decay = cfg.schedule
+    if not (lr > 0 and math.isfinite(lr)):
+        raise InputError(f"lr must be a positive number, got {lr}", params=("lr",))
+    if not weight_decay >= 0:
+        raise InputError(f"weight_decay must be >= 0, got {weight_decay}",
                          params=("weight_decay",))
     if not 0 <= cfg.label_smoothing < 1:
         raise InputError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}",
                          params=("label_smoothing",))
-    if cfg.warmup_epochs < 0 or (cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs):
+    if cfg.warmup_epochs < 0 or (cfg.warmup_epochs and cfg.warmup_epochs >= epochs):
         raise InputError(f"warmup_epochs must be in [0, epochs), got {cfg.warmup_epochs}",
                          params=("warmup_epochs",))
 
@@ -230,9 +246,8 @@ def settings_diff(mine: TrainConfig, theirs: TrainConfig) -> dict[str, tuple[Any
 
 def build_base_model(cfg: TrainConfig) -> nn.Module:
     """The deployable architecture (the model as built, before any ACB conversion)."""
-    if cfg.in_channels is None or cfg.num_classes is None:
-        raise InputError("config lacks in_channels/num_classes (not a finished acnet run config)")
-    return build_model(cfg.model, in_channels=cfg.in_channels, num_classes=cfg.num_classes)
+    in_channels, num_classes, _ = cfg.data_shape
+    return build_model(cfg.model, in_channels=in_channels, num_classes=num_classes)
 
 
 def acb_options(cfg: TrainConfig) -> dict[str, Any]:
@@ -250,6 +265,6 @@ def build_training_model(cfg: TrainConfig, base: nn.Module | None = None) -> nn.
     model = build_base_model(cfg) if base is None else base
     if cfg.block == "acb":
         preserve = cfg.init_from is not None
-        extra = {"branch_init": cfg.branch_init} if preserve else {}
-        model = convert(model, preserve=preserve, inplace=True, **extra, **acb_options(cfg))
+        model = convert(model, preserve=preserve, inplace=True,
+                        branch_init=cfg.branch_init if preserve else "zero", **acb_options(cfg))
     return model

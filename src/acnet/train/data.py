@@ -45,11 +45,13 @@ def train_split(cfg: TrainConfig, device: torch.device, *, rank: int = 0, world:
         raise InputError(f"batch_size {cfg.batch_size} is smaller than the {world} ranks",
                          params=("batch_size",))
     if cfg.dataset == "imagenet":
-        loader, classes, n = imagenet_train_loader(
+        stream, classes, n = imagenet_train_loader(
             cfg.data_dir, cfg.batch_size, device=device, workers=cfg.workers, rank=rank,
             world=world, seed=cfg.seed, image_size=cfg.image_size, train_limit=cfg.train_limit)
-        return Split(loader, 3, classes, cfg.image_size, n)
+        return Split(stream, 3, classes, cfg.image_size, n)
     data = data or in_memory_data(cfg)
+    if data is None:
+        raise InputError(f"{cfg.dataset} has no in-memory training data")
     if cfg.batch_size > len(data.train_x):
         raise InputError(f"batch_size {cfg.batch_size} is larger than the "
                          f"{len(data.train_x)} training images", params=("batch_size",))
@@ -66,11 +68,13 @@ def test_split(cfg: TrainConfig, device: torch.device | str = "cpu", *, transfor
     applied); builds no training data."""
     device = torch.device(device)
     if cfg.dataset == "imagenet":
-        loader, classes = imagenet_test_loader(cfg.data_dir, cfg.batch_size, device=device,
+        folder, classes = imagenet_test_loader(cfg.data_dir, cfg.batch_size, device=device,
                                                workers=cfg.workers, image_size=cfg.image_size,
                                                transform=transform)
-        return Split(loader, 3, classes, cfg.image_size, len(loader.loader.dataset))
+        return Split(folder, 3, classes, cfg.image_size, folder.images)
     data = data or in_memory_data(cfg, train=False)
+    if data is None:
+        raise InputError(f"{cfg.dataset} has no in-memory test data")
     loader = InMemoryLoader(data.test_x, data.test_y, TEST_BATCH, transform=transform,
                             mean=data.mean, std=data.std, device=device)
     return Split(loader, data.shape[0], data.num_classes, data.shape[1], len(data.test_x))

@@ -87,6 +87,8 @@ def average_bn_stats(model: nn.Module, info: DistInfo) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
             for buf in (m.running_mean, m.running_var):
+                if buf is None:
+                    continue
                 dist.all_reduce(buf, op=dist.ReduceOp.SUM)
                 buf.div_(info.world)
 

@@ -8,7 +8,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -76,9 +76,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False) -> 
     cfg = resolve(cfg)
     run = RunDir(out)
     _check_out(run, cfg, resume)
-    if run.finished:
+    done = run.read_metrics()
+    if done is not None:
         log.info("%s is finished; nothing to resume", run.path)
-        return run.read_metrics()
+        return done
     info = dist_utils.setup(cfg.device)
     try:
         return _train(cfg, run, resume, info)
@@ -88,7 +89,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False) -> 
 
 def _schedule(cfg: TrainConfig, steps_per_epoch: int):
     """The learning-rate factor per step: linear warm-up, then cosine to zero."""
-    total = cfg.epochs * steps_per_epoch
+    total = cfg.schedule[0] * steps_per_epoch
     warm = cfg.warmup_epochs * steps_per_epoch
 
     def factor(step: int) -> float:
@@ -133,7 +134,7 @@ def _build_model(cfg: TrainConfig, info: dist_utils.DistInfo, fresh: bool) -> nn
     base = build_base_model(cfg)
     if cfg.init_from is not None and fresh:
         state = read_source(cfg.init_from)
-        for note in load_source(base, state, num_classes=cfg.num_classes,
+        for note in load_source(base, state, num_classes=cfg.data_shape[1],
                                 new_head=cfg.new_head, src=cfg.init_from):
             if info.main:
                 log.info("%s", note)
@@ -151,10 +152,11 @@ def _build_model(cfg: TrainConfig, info: dist_utils.DistInfo, fresh: bool) -> nn
 
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """SGD (momentum, optionally Nesterov) or AdamW, with the run's lr and weight decay."""
+    _, lr, weight_decay = cfg.schedule
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                           nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov, weight_decay=weight_decay)
 
 
 def _setup(cfg: TrainConfig, run: RunDir, info: dist_utils.DistInfo, fresh: bool) -> _Run:
@@ -211,7 +213,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, info: dist_utils.DistInf
     net, r.eval_net = _compiled(cfg, net, r.model)
     tb = _tensorboard(run, info)
     try:
-        for epoch in range(r.start_epoch, cfg.epochs):
+        for epoch in range(r.start_epoch, cfg.schedule[0]):
             _epoch(r, net, epoch, tb)
     finally:
         if tb is not None:
@@ -231,8 +233,9 @@ def _compiled(cfg: TrainConfig, net: nn.Module, model: nn.Module
         return net, model
     torch._dynamo.reset()
     eager_ceil_mode_avg_pools(model)
-    compiled = torch.compile(net, dynamic=False)
-    return compiled, compiled if net is model else torch.compile(model, dynamic=False)
+    compiled = cast(nn.Module, torch.compile(net, dynamic=False))
+    evaluator = compiled if net is model else cast(nn.Module, torch.compile(model, dynamic=False))
+    return compiled, evaluator
 
 
 def _diverged(epoch: int, why: str) -> NonFiniteError:
@@ -335,7 +338,7 @@ def _finish(r: _Run) -> dict[str, Any]:
         try:
             check = compare_models(r.model, folded, r.test.loader, device=info.device)
         except FloatingPointError as exc:
-            raise _diverged(cfg.epochs - 1, "test outputs are not finite") from exc
+            raise _diverged(cfg.schedule[0] - 1, "test outputs are not finite") from exc
         deployed = deploy(r.model)  # the original architecture (a stock model loads it)
         r.run.save_deployed(deployed, cfg)
         metrics = {
