@@ -224,10 +224,18 @@ def test_branch_bn_false_runs_one_conv(monkeypatch):
     monkeypatch.setattr(F, "conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
     block(torch.randn(2, 3, 8, 8))
     assert len(calls) == 1
-    # gradients reach every branch kernel
-    block(torch.randn(2, 3, 8, 8)).sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in
-               (block.square_conv.weight, block.hor_conv.weight, block.ver_conv.weight))
+    # gradients of every branch kernel equal those of the definition (float64, autograd)
+    block = block.double()
+    ref = copy.deepcopy(block)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    block(x).square().sum().backward()
+    k = (ref.square_conv.weight + embed_kernel(ref.hor_conv.weight, 3, 1, 0)
+         + embed_kernel(ref.ver_conv.weight, 3, 0, 1))
+    ref.bn(F.conv2d(x, k, padding=1)).square().sum().backward()
+    for name in ("square_conv.weight", "hor_conv.weight", "ver_conv.weight"):
+        got, want = block.get_parameter(name).grad, ref.get_parameter(name).grad
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_gamma_init():

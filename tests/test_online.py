@@ -67,9 +67,18 @@ def test_forward_is_one_conv_with_the_scaled_merged_kernel(monkeypatch):
     assert len(calls) == 1
     assert rel_err(out, ref) <= FP32_TOL
     out.square().mean().backward()
-    for p in (block.square_conv.weight, block.hor_conv.weight, block.ver_conv.weight,
-              block.square_scale, block.hor_scale, block.ver_scale):
-        assert p.grad is not None and p.grad.abs().sum() > 0
+    names = ("square_conv.weight", "hor_conv.weight", "ver_conv.weight", "square_scale",
+             "hor_scale", "ver_scale")
+    grads = {n: block.get_parameter(n).grad.clone() for n in names}
+    block.zero_grad()
+    k = (block.square_conv.weight * block.square_scale.view(-1, 1, 1, 1)
+         + embed_kernel(block.hor_conv.weight * block.hor_scale.view(-1, 1, 1, 1), 3, 1, 0)
+         + embed_kernel(block.ver_conv.weight * block.ver_scale.view(-1, 1, 1, 1), 3, 0, 1))
+    copy.deepcopy(block.bn)(F.conv2d(x, k, padding=1)).square().mean().backward()
+    for n in names:
+        want = block.get_parameter(n).grad
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(grads[n], want, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("in_channels", [1, 4])

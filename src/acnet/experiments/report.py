@@ -6,16 +6,16 @@ the runs it still waits for ("pending: runs ...") instead of failing.
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..analysis import plots
+from .._text import markdown_table
 from ..analysis.kernels import pattern_mask
 from ..data.loader import TRANSFORMS
 from ..train.config import MODEL_DEFAULTS
+from .figures import curve_panels, draw_figures
 from .presets import (
     ABLATION,
     ACNET,
@@ -23,17 +23,22 @@ from .presets import (
     CORNER,
     LONG,
     MAIN,
-    ONLINE,
     SHORT,
     StudyPreset,
     schedule_epochs,
+)
+from .report_cost import (
+    _pending,
+    _pm,
+    inference_cost_section,
+    int8_section,
+    training_cost_section,
 )
 from .results import (
     PLATEAU_FRACTION,
     STUDY_GROUPS,
     accuracies,
     deployment_check,
-    int8_rows,
     main_result,
     mean_std,
     pending_runs,
@@ -44,15 +49,6 @@ __all__ = ["deployment_lines", "main_table", "progress_lines", "write_report"]
 
 TRANSFORM_TITLES = {"none": "normal", "hflip": "horizontal flip", "vflip": "vertical flip",
                     "rot90": "rotate 90°"}
-# short names of the variants in figures and the compact tables
-LABELS = {BASE: "baseline", ACNET: "ACNet", "hor": "+horizontal only", "ver": "+vertical only",
-         "nobn": "no branch BN", ONLINE: "online ACNet", CORNER: "corner ACNet"}
-SCHEDULE_TAGS = {SHORT: plots.SHORT_TAG, LONG: plots.LONG_TAG}  # curve keys: slug + tag
-# the ablation model's extra panels of the training-curve figure (ACNet drawn in each)
-ABLATION_PANELS = {"one branch": ("hor", "ver", ACNET),
-                   "other forms": ("nobn", ONLINE, CORNER, ACNET)}
-
-
 def _epochs(preset: StudyPreset, model: str, schedule: str = MAIN) -> Any:
     """The epochs of ``model``'s runs on ``schedule`` in the preset (else the model's
     default, as TrainConfig resolves it)."""
@@ -66,27 +62,6 @@ def _ablation_runs(preset: StudyPreset) -> str:
     """'cifar_quick, 15 epochs': the ablation model and its schedule, for titles."""
     am = preset.ablation_model
     return f"{am}, {_epochs(preset, am, preset.ablation_schedule)} epochs"
-
-
-def _curve_labels() -> dict[str, str]:
-    """Legend labels of the training-curve figure (variants, short- and long-schedule lines)."""
-    return {**LABELS, **{s + tag: f"{LABELS[s]}, {sch} schedule" for sch, tag in
-                         SCHEDULE_TAGS.items() for s in (BASE, ACNET)}}
-
-
-def _pm(xs: list[float], pct: bool = True) -> str:
-    """``mean ± std`` (in % by default), the bare value for one run (no spread to show), or
-    n/a."""
-    m, s = mean_std(xs)
-    if m != m:  # NaN: no values
-        return "n/a"
-    k = 100 if pct else 1
-    return f"{m * k:.2f}" if len(xs) == 1 else f"{m * k:.2f} ± {s * k:.2f}"
-
-
-def _pending(names: list[str]) -> str:
-    """The one line a section without (all) its data shows."""
-    return f"pending: runs {', '.join(names)}" if names else "pending: no finished runs"
 
 
 def progress_lines(res: dict[str, Any]) -> list[str]:
@@ -216,20 +191,19 @@ def _ablation(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     """Section: every ablation variant under each test transform."""
     am = preset.ablation_model
     lines = [f"## Ablation ({am}, {_epochs(preset, am, preset.ablation_schedule)} epochs), with "
-             f"robustness to flips and rotation", "",
-             "| variant | seeds | " + " | ".join(TRANSFORM_TITLES[t] for t in TRANSFORMS)
-             + " |", "|---|---|" + "---|" * len(TRANSFORMS)]
+             f"robustness to flips and rotation", ""]
+    table = []
     for slug, variant in ABLATION.items():
-        rows = [r for r in res["runs"].values() if r["model"] == am and r["variant"] == slug
+        runs = [r for r in res["runs"].values() if r["model"] == am and r["variant"] == slug
                 and schedule_of(r) == preset.ablation_schedule and "robustness" in r]
-        if rows:
-            cells = [_pm([r["robustness"][t] for r in rows]) for t in TRANSFORMS]
-            lines.append(f"| {variant.label} | {len(rows)} | " + " | ".join(cells) + " |")
-    if len(lines) == 4:
-        lines = lines[:2]
+        if runs:
+            table.append([variant.label, len(runs),
+                          *(_pm([r["robustness"][t] for r in runs]) for t in TRANSFORMS)])
+    if table:
+        lines += [*markdown_table(["variant", "seeds",
+                                   *(TRANSFORM_TITLES[t] for t in TRANSFORMS)], table), ""]
     missing = pending_runs(res, am, tuple(ABLATION), preset.ablation_schedule)
-    return lines + ([""] if len(lines) > 2 else []) + ([_pending(missing), ""] if missing
-                                                       else [""])
+    return lines + ([_pending(missing), ""] if missing else [""])
 
 
 def _corner(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
@@ -260,15 +234,13 @@ def _group_pending(preset: StudyPreset, res: dict[str, Any], present: dict[str, 
         else []
 
 
-def _kernels(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
+def _kernels(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     """Section: kernel magnitude matrices (and their figure)."""
     lines = ["## Kernel magnitude matrix", ""]
     missing = _group_pending(preset, res, res["kernel_magnitude"])
     if not res["kernel_magnitude"]:
         return [*lines, _pending(missing), ""] if missing else []
     mats = {k: torch.tensor(v) for k, v in res["kernel_magnitude"].items()}
-    plots.heatmaps(mats, out / "kernel_magnitude.png",
-                   f"{_ablation_runs(preset)}: average normalized kernel magnitude")
     lines += ["Σ|w| per kernel position of every BN-folded d×d kernel of the deployed model, "
               "normalized per layer and averaged (paper Fig. 6), averaged over seeds.", "",
               "![kernel magnitude](kernel_magnitude.png)", ""]
@@ -286,16 +258,12 @@ def _test_images(preset: StudyPreset) -> str:
     return f"accuracy on the first {n:,} test images" if n else "accuracy on the full test set"
 
 
-def _sparsity(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
+def _sparsity(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     """Section: accuracy after sparsifying skeleton, corners, all (and the figure)."""
     lines = ["## Sparsifying the skeleton vs the corners", ""]
     missing = _group_pending(preset, res, res["sparsity"])
     if not res["sparsity"]:
         return [*lines, _pending(missing), ""] if missing else []
-    colours = {t: plots.VARIANT_COLOURS[s] for t, s in STUDY_GROUPS.items()}
-    plots.sparsity_panels(res["sparsity"], out / "sparsity.png",
-                          f"{_ablation_runs(preset)}: accuracy after zeroing kernel weights "
-                          f"at random", colours)
     ratios = next(iter(next(iter(res["sparsity"].values())).values()))["ratios"]
     seeds = res.get("sparsity_seed", {})
     lines += [f"Fraction of the weights at the pattern's positions set to zero at random "
@@ -365,10 +333,11 @@ def _plateau(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     lines = ["## Has the schedule converged?", "",
              f"The baseline on the short schedule and on the study's (mean over seeds), the "
              f"rise of its mean test accuracy over the last {pct} % of the epochs (training "
-             f"curves), and the baseline on the long schedule ({who}).", "",
-             "| model | baseline, short schedule (epochs) | baseline (epochs) | rise, last epochs "
-             "| baseline, long schedule (epochs) | long − study's, mean (same seed) | rise, last "
-             "epochs (long) |", "|---|---|---|---|---|---|---|"]
+             f"curves), and the baseline on the long schedule ({who}).", ""]
+    headers = ["model", "baseline, short schedule (epochs)", "baseline (epochs)",
+               "rise, last epochs", "baseline, long schedule (epochs)",
+               "long − study's, mean (same seed)", "rise, last epochs (long)"]
+    table: list[list[str]] = []
     words = []
     for model in preset.models:
         p = plateau.get(model, {})
@@ -387,152 +356,17 @@ def _plateau(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
         else:
             cells += [_pending(missing) if model in preset.plateau else "not planned", "–",
                       "–"]
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    if len(lines) == 6:
-        return [*lines[:4], _pending(pending_runs(res, variants=(BASE,), schedule=MAIN)), ""]
-    return lines + [""] + [f"- {w}" for w in words] + ([""] if words else [])
+        table.append([model, *cells])
+    if not table:
+        return [*lines, _pending(pending_runs(res, variants=(BASE,), schedule=MAIN)), ""]
+    return [*lines, *markdown_table(headers, table), "", *(f"- {w}" for w in words),
+            *([""] if words else [])]
 
 
-def _int8(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
-    """Section: fp32 vs static INT8 (onnxruntime) of the deployed base, ACNet, online runs."""
-    if not preset.int8:
-        return []
-    lines = ["## INT8 deployment", ""]
-    status = res.get("int8_status", {})
-    if not status.get("available", False):
-        return [*lines, f"Not measured: {status.get('error') or 'no INT8 results'}.", ""]
-    rows = int8_rows(res, (BASE, ACNET, ONLINE))
-    first = next((r["int8"] for r in res["runs"].values() if r.get("int8")), None)
-    if first:
-        lines += [f"Each run's deployed model exported to ONNX (fp32) and quantized to static "
-                  f"INT8 by onnxruntime (QDQ, {first['calibration_method']} calibration on "
-                  f"{first['calibration_images']} training images, per-"
-                  f"{'channel' if first['per_channel'] else 'tensor'} weights), both evaluated "
-                  f"on {first['test_images']:,} test images; mean ± std over seeds.", "",
-                  "| model | variant | epochs | seeds | fp32 ONNX | INT8 | change | identical "
-                  "predictions |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {LABELS[r['variant']]} | {r['epochs']} | "
-                     f"{len(r['fp32'])} | "
-                     f"{_pm(r['fp32'])} | {_pm(r['int8'])} | {_pm(r['change'])} | "
-                     f"{_pm(r['agreement'])} |")
-    missing = pending_runs(res, variants=(BASE, ACNET, ONLINE))
-    return lines + [""] + ([_pending(missing), ""] if missing else [])
-
-
-def _inference_cost(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
-    """Section: params, MACs and latency of the deployed models."""
-    lines = ["## Inference cost", "",
-             "Deployed with conv-BN folded, batch 1, median CPU latency interleaved in one "
-             "process, measured when the report is written; the 1-minute load average before / "
-             "after shows whether other work (a study still training) shared the CPU.", "",
-             "| model | params base | params ACNet deployed | params ACNet training | MACs base "
-             "| MACs ACNet deployed | latency base ms | latency ACNet ms | load |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    missing = []
-    for model in preset.models:
-        c = res["cost"].get(model)
-        if c is None:
-            missing += pending_runs(res, model, (BASE, ACNET), MAIN)
-            continue
-        lines.append(f"| {model} | {c['params_base']:,} | {c['params_acnet_deployed']:,} | "
-                     f"{c['params_acnet_training']:,} | {c['macs_base']:,} | "
-                     f"{c['macs_acnet_deployed']:,} | {c['latency_ms_base']:.3f} | "
-                     f"{c['latency_ms_acnet']:.3f} | {_load_cell(c)} |")
-    if not res["cost"]:
-        return [*lines[:2], _pending(missing), ""]
-    return lines + [""] + ([_pending(missing), ""] if missing else [])
-
-
-def _load_cell(r: dict[str, Any]) -> str:
-    """The 1-minute load averages before/after a benchmark."""
-    return " / ".join("?" if v is None else f"{v:.1f}" for v in r.get("load_avg", [None, None]))
-
-
-def _wall_clock(res: dict[str, Any], model: str) -> str:
-    """Mean wall-clock seconds per epoch, baseline / ACNet / online, as they happened (every
-    schedule)."""
-    cells = []
-    for v in (BASE, ACNET, ONLINE):
-        s = [r["seconds"] / r["epochs"] for r in res["runs"].values()
-             if r["model"] == model and r["variant"] == v and r.get("epochs")]
-        cells.append(f"{statistics.fmean(s):.0f}" if s else "–")
-    return " / ".join(cells)
-
-
-def _training_cost(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
-    """Section: training-step cost by the benchmark's method; wall-clock only as context."""
-    bench = res.get("training_cost", {})
-    lines = ["## Training cost", ""]
-    if not bench:
-        return [*lines, _pending(pending_runs(res)), ""]
-    r0 = next(iter(bench.values()))
-    lines += [f"Median time of one training step (forward, backward, SGD; batch as trained, "
-              f"channels-last) on the CPU, every variant built from the same model and timed "
-              f"in turn in one process ({r0['repeats']} interleaved repeats after "
-              f"{r0['warmup']} warm-up, torch threads: {r0['threads']}): `acnet bench`'s "
-              f"method. The "
-              f"ratios to the conv-BN baseline are the cost; the 1-minute load average before "
-              f"/ after shows whether other work shared the machine (remeasure by deleting "
-              f"`cost_bench.json`).", "",
-              "| model | batch | baseline ms/step | ACNet | online ACNet | no branch BN | load "
-              "| wall-clock s/epoch: baseline / ACNet / online (as it happened) |",
-              "|---|---|---|---|---|---|---|---|"]
-    for model, r in bench.items():
-        q = r["ratio"]
-        lines.append(f"| {model} | {r['batch']} | {r['ms']['base']:.1f} | {q['acb']:.2f}× | "
-                     f"{q.get('acb_online', float('nan')):.2f}× | "
-                     f"{q.get('acb_no_branch_bn', float('nan')):.2f}× | {_load_cell(r)} | "
-                     f"{_wall_clock(res, model)} |")
-    return [*lines, "", "The wall-clock column is the runs' own training time per epoch (mean "
-                        "over runs), measured while other runs or work may have shared the CPU: "
-                        "context, not the cost.", ""]
-
-
-def _band(curves: list[list[dict[str, Any]]]) -> dict[str, Any] | None:
-    """Mean and std of test accuracy per epoch over runs (epochs all of them have)."""
-    per_run = [{int(r["epoch"]): r["test_acc"] for r in c} for c in curves if c]
-    if not per_run:
-        return None
-    epochs = sorted(set.intersection(*(set(c) for c in per_run)))
-    stats = [mean_std([c[e] for c in per_run]) for e in epochs]
-    return {"epochs": epochs, "mean": [m for m, _ in stats], "std": [s for _, s in stats]}
-
-
-def _curve_panels(preset: StudyPreset, res: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Figure panels: one per model (baseline and ACNet on the main, dotted the short and
-    dashed the long schedule), then the ablation model's variants in small groups."""
-    def lines(model: str, slugs: tuple[str, ...], schedule: str = MAIN, tag: str = ""
-              ) -> dict[str, Any]:
-        """The mean ± std band of each variant that has runs (keys: slug + tag)."""
-        out = {}
-        for slug in slugs:
-            band = _band([r["curve"] for r in res["runs"].values() if r["model"] == model
-                          and r["variant"] == slug and schedule_of(r) == schedule])
-            if band:
-                out[slug + tag] = band
-        return out
-
-    panels = {model: {**lines(model, (BASE, ACNET)),
-                      **{k: v for sch, tag in SCHEDULE_TAGS.items()
-                         for k, v in lines(model, (BASE, ACNET), sch, tag).items()}}
-              for model in preset.models}
-    if preset.ablation:
-        sch = preset.ablation_schedule
-        for title, slugs in ABLATION_PANELS.items():
-            extra = lines(preset.ablation_model, slugs, sch)
-            if set(extra) - {ACNET}:
-                panels[f"{_ablation_runs(preset)}: {title}"] = extra
-    return {k: v for k, v in panels.items() if v}
-
-
-def _curves(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
+def _curves(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     """Section: training curves, mean ± std over seeds (figure)."""
-    panels = _curve_panels(preset, res)
     lines = ["## Training curves", ""]
-    if panels:
-        plots.training_curves(panels, out / "training_curves.png",
-                              "test accuracy per epoch (mean ± std over seeds)", _curve_labels())
+    if curve_panels(preset, res, _ablation_runs(preset)):
         short = " and (dotted) on the short schedule" if preset.short else ""
         long = ("" if not preset.plateau else " and (dashed) on the long schedule" if
                 preset.plateau_comparison else ", and the baseline on the long schedule "
@@ -548,11 +382,13 @@ def _curves(preset: StudyPreset, res: dict[str, Any], out: Path) -> list[str]:
 def write_report(preset: StudyPreset, out: Path, res: dict[str, Any]) -> Path:
     """report.md with the tables and the PNG figures beside it."""
     out = Path(out)
+    draw_figures(preset, res, out, _ablation_runs(preset))
     ablation = [*_ablation(preset, res), *_corner(preset, res)] if preset.ablation else []
     lines = [*_header(preset, res), *_main(preset, res), *_deployment(res),
-             *_plateau(preset, res), *ablation, *_kernels(preset, res, out),
-             *_sparsity(preset, res, out), *_int8(preset, res), *_inference_cost(preset, res),
-             *_training_cost(preset, res), *_curves(preset, res, out)]
+             *_plateau(preset, res), *ablation, *_kernels(preset, res),
+             *_sparsity(preset, res), *int8_section(preset, res),
+             *inference_cost_section(preset, res), *training_cost_section(preset, res),
+             *_curves(preset, res)]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
