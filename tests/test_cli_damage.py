@@ -139,3 +139,47 @@ def test_library_errors_are_still_builtin_types():
     with pytest.raises(TypeError) as info:
         ACBlock(4, 4, 3.0)
     assert isinstance(info.value, ACNetError)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--epochs", "0", "--out", "x"], "argument --epochs"),
+    (["train", "--classes", "5,,6", "--out", "x"], "argument --classes"),
+    (["eval", "run", "--transform", "bogus"], "argument --transform"),
+    (["export", "run"], "--onnx"),
+])
+def test_argument_errors_are_one_line(capsys, args, message):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    one_line(2, err, message)
+    assert "--help" in err
+
+
+@pytest.mark.parametrize("flags,named", [(["--no-branch-bn"], "--no-branch-bn"),
+                                         (["--position", "corner"], "--position"),
+                                         (["--no-horizontal"], "--no-horizontal")])
+def test_acb_options_with_the_baseline_are_refused(tmp_path, capsys, flags, named):
+    rc, _, err = run(capsys, "train", *TINY, "--block", "base", *flags, "--out", tmp_path / "x")
+    one_line(rc, err, "block='acb'")
+    assert named in err and not (tmp_path / "x").exists()
+
+
+def test_files_acnet_writes_follow_the_umask(deployed):
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in deployed.parent.iterdir():
+        if f.is_file():
+            assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+
+
+def test_a_diverged_run_says_how_to_go_on(tmp_path, capsys):
+    rc, _, err = run(capsys, "train", *TINY, "--lr", "50", "--epochs", "2", "--out",
+                     tmp_path / "div")
+    if rc == 0:
+        pytest.skip("lr 50 did not diverge on this data")
+    one_line(rc, err, "training diverged")
+    assert "new output directory" in err and "(set by --lr)" in err

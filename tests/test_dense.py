@@ -206,6 +206,41 @@ class _Dense(nn.Module):
         return self.bn2(F.max_pool2d(r + z, 2))
 
 
+class _Sums(nn.Module):
+    """Sums in which the conv's output counts twice or is scaled (found by trying it)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.how == "twice":
+            return self.bn(y + y)
+        if self.how == "alpha":
+            return self.bn(torch.add(x, y, alpha=3))
+        if self.how == "sub_alpha":
+            return self.bn(torch.sub(x, y, alpha=2))
+        return self.bn(x - y + y + y)
+
+
+@pytest.mark.parametrize("how", ["twice", "alpha", "sub_alpha", "chain"])
+def test_a_bias_moves_through_sums_counted_as_they_stand(how):
+    torch.manual_seed(0)
+    conv = _convert(_Sums(how).eval())
+    with torch.no_grad():
+        conv.conv.square_bn.running_mean.fill_(0.5)
+    dep = acnet.deploy(conv.eval())
+    assert dep.acnet_report.names("bias-moved") == ["conv"]
+    stock = _Sums(how)
+    stock.load_state_dict(dep.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert rel_err(stock.eval()(x), conv(x)) <= TOL
+
+
 class _Unplaceable(nn.Module):
     def __init__(self, how: str):
         super().__init__()

@@ -103,7 +103,7 @@ def test_select_classes_relabels_in_the_given_order():
     assert (data.train_y == 0).sum() == (full.train_y == 4).sum()
     assert (data.test_y == 1).sum() == (full.test_y == 1).sum()
     for bad in ([6], [1, 1], []):
-        with pytest.raises(ValueError, match="distinct class indices"):
+        with pytest.raises(ValueError, match="at least 2 distinct class indices"):
             full.select_classes(bad)
 
 
@@ -192,3 +192,11 @@ def test_ddp_fine_tuning(source, tmp_path):
     got = json.loads((out / "metrics.json").read_text())
     assert got["ranks"] == 2 and got["ranks_consistent"] is True
     assert got["init_test_acc"] == m["deployed_test_acc"]
+
+
+def test_a_kept_head_of_other_classes_is_said(tmp_path, capsys, caplog):
+    src = tmp_path / "src"
+    train(capsys, src, "--block", "base", "--classes", "5,6,7")
+    with caplog.at_level("WARNING"):
+        train(capsys, tmp_path / "ft", "--init-from", src, "--classes", "0,1,2")
+    assert "pass --new-head" in caplog.text

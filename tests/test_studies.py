@@ -171,3 +171,27 @@ def test_runner_writes_a_progress_log(tmp_path):
     train_jobs([Job("one", dict(TINY))], runs, progress_interval=0.05)
     text = (tmp_path / "progress.log").read_text()
     assert "1/1 runs finished, 1/1 epochs" in text
+
+
+def test_report_only_refuses_another_studys_directory_and_a_run_directory(tmp_path, capsys):
+    from acnet.cli import main
+
+    (tmp_path / "results.json").write_text('{"study": "dense"}')
+    rc = main(["reproduce", "--preset", "finetune", "--out", str(tmp_path), "--report-only"])
+    assert rc == 2 and "holds the 'dense' study" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    rc = main(["reproduce", "--preset", "dense", "--out", str(run), "--report-only"])
+    assert rc == 2 and "training run directory" in capsys.readouterr().err
+
+
+def test_empty_study_reports_say_nothing_is_finished(tmp_path, capsys):
+    from acnet.cli import main
+
+    for preset in ("finetune", "dense"):
+        out = tmp_path / preset
+        assert main(["reproduce", "--preset", preset, "--out", str(out), "--report-only"]) == 0
+        text = (out / "report.md").read_text()
+        assert "No finished runs yet." in text and "nan" not in text
+    capsys.readouterr()

@@ -111,13 +111,8 @@ def _step(node: torch.fx.Node, consts: dict[torch.fx.Node, Tensor],
             return _conv_map(m, c)
         raise _Unprovable(f"{node.target} ({type(m).__name__})")
     if node.op == "call_function":
-        if node.target in (operator.add, torch.add, operator.iadd):
-            return sum((consts[a] for a in ins), torch.zeros_like(c))
-        if node.target in (operator.sub, torch.sub) and len(node.args) == 2:
-            a, b = node.args
-            zero = torch.zeros_like(c)
-            return (consts.get(a, zero) if isinstance(a, torch.fx.Node) else zero) - (
-                consts.get(b, zero) if isinstance(b, torch.fx.Node) else zero)
+        if node.target in (operator.add, torch.add, operator.iadd, operator.sub, torch.sub):
+            return _sum(node, consts, c)
         if node.target is torch.cat and _cat_dim(node) == 1:
             return _cat(node, consts, modules, chans, c)
         if node.target in _PASS_FUNCTIONS and node.args and node.args[0] in consts:
@@ -125,6 +120,24 @@ def _step(node: torch.fx.Node, consts: dict[torch.fx.Node, Tensor],
     if node.op == "call_method" and node.target in _PASS_METHODS:
         return c
     raise _Unprovable(f"{node.op} {getattr(node.target, '__name__', node.target)}")
+
+
+def _sum(node: torch.fx.Node, consts: dict[torch.fx.Node, Tensor], like: Tensor) -> Tensor:
+    """The constant of ``a + alpha·b`` or ``a − alpha·b``: each operand counted where it stands
+    (``y + y`` carries 2c)."""
+    if len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
+        raise _Unprovable(f"{getattr(node.target, '__name__', node.target)} with other arguments")
+    alpha = node.kwargs.get("alpha", 1)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise _Unprovable("a sum with a traced alpha")
+    sign = -1.0 if node.target in (operator.sub, torch.sub) else 1.0
+
+    def const(v: Any) -> Tensor:
+        return consts[v] if isinstance(v, torch.fx.Node) and v in consts else \
+            torch.zeros_like(like)
+
+    a, b = node.args
+    return const(a) + sign * alpha * const(b)
 
 
 def _pair(v: Any) -> tuple:

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 __all__ = ["first_line", "markdown_table"]
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def first_line(exc: BaseException, limit: int = 160) -> str:
-    """``Type: first line of the message`` (``Type`` alone for an empty one), cut to ``limit``."""
-    lines = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return text[:limit]
+    """``Type: first line of the message`` (``Type`` alone for an empty one), terminal colour
+    codes removed, cut at a word before ``limit`` characters."""
+    lines = _ANSI.sub("", str(exc)).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 1]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut) + "…"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:

@@ -10,7 +10,7 @@ import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 from . import __version__
 from .cli_studies import (
@@ -116,7 +116,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
 def _class_list(s: str) -> list[int]:
     """argparse type of --classes: comma-separated class indices."""
     try:
-        return [int(v) for v in s.split(",") if v.strip()]
+        return [int(v) for v in s.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated class indices, got {s!r}"
                                          ) from None
@@ -234,9 +234,16 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (and a pointer to --help) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``acnet`` parser with every subcommand of :data:`COMMANDS`."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="acnet", description="ACNet: train CNNs with Asymmetric Convolution Blocks, "
                                   "deploy the original architecture.")
     parser.add_argument("--version", action="version", version=f"acnet {__version__}")

@@ -114,6 +114,9 @@ def _restore_bn(model: nn.Module, block: ACBlock, slot: str, kernel: torch.Tenso
     with torch.no_grad():
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)
+        counted = getattr(main, "num_batches_tracked", None)
+        if counted is not None and getattr(bn, "num_batches_tracked", None) is not None:
+            bn.num_batches_tracked.copy_(counted)  # the trained BN's count, not convert time's
         if affine:
             bn.weight.copy_(weight)
             bn.bias.copy_(shift)

@@ -30,6 +30,8 @@ __all__ = [
 
 
 M = TypeVar("M", bound=nn.Module)
+_UMASK = os.umask(0o022)  # read the process umask (set it back at once)
+os.umask(_UMASK)
 _ALIASES = "acnet_aliases"  # safetensors metadata: names that repeat another tensor
 
 
@@ -42,6 +44,7 @@ def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would make it (mkstemp makes 0600)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -65,9 +65,10 @@ class ImageData:
         if classes is None:
             return self
         bad = [c for c in classes if not 0 <= c < self.num_classes]
-        if bad or len(set(classes)) != len(classes) or not classes:
-            raise InputError(f"classes must be distinct class indices of {self.name} (0 to "
-                             f"{self.num_classes - 1}), got {list(classes)}")
+        if bad or len(set(classes)) != len(classes) or len(classes) < 2:
+            raise InputError(f"classes must be at least 2 distinct class indices of {self.name} "
+                             f"(0 to {self.num_classes - 1}), got {list(classes)}",
+                             params=("classes",))
         lut = torch.full((self.num_classes,), -1, dtype=torch.long)
         lut[torch.tensor(list(classes))] = torch.arange(len(classes))
 

@@ -300,6 +300,17 @@ def _figures(done: dict, out: Path, test: Scenes | None) -> list[str]:
     return lines
 
 
+def _deployment_line(every: list[dict[str, Any]]) -> str:
+    """The deployment check over every finished run."""
+    if not every:
+        return "No finished runs yet."
+    return (f"Deployed against trained model on the test scenes: max |logit difference| "
+            f"{max(r['max_abs_diff_deploy'] for r in every):.2g}, identical pixel predictions "
+            f"{min(r['prediction_agreement'] for r in every):.4%} or more; parameters "
+            f"{', '.join(sorted({str(r['params_train']) for r in every}))} trained → "
+            f"{', '.join(sorted({str(r['params_deployed']) for r in every}))} deployed.")
+
+
 def report(study: DenseStudy, out: Path, seeds: tuple[int, ...], command: str,
            test: Scenes | None = None) -> Path:
     """Write results.json and report.md from the finished runs."""
@@ -340,12 +351,7 @@ def report(study: DenseStudy, out: Path, seeds: tuple[int, ...], command: str,
         f"{', '.join(signed(d) for d in c.paired.values()) or '—'}); beyond seed noise: "
         f"{c.verdict} (2 s.e. = {2 * 100 * c.se:.2f})." if c.paired else "No paired seeds yet.",
         "", *_figures(done, out, test),
-        "## Deployment check", "",
-        f"Deployed against trained model on the test scenes: max |logit difference| "
-        f"{max((r['max_abs_diff_deploy'] for r in every), default=0):.2g}, identical pixel "
-        f"predictions {min((r['prediction_agreement'] for r in every), default=1):.4%} or more; "
-        f"parameters {', '.join(sorted({str(r['params_train']) for r in every}))} trained → "
-        f"{', '.join(sorted({str(r['params_deployed']) for r in every}))} deployed.", ""]
+        "## Deployment check", "", _deployment_line(every), ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     save_json(out / RESULTS, {

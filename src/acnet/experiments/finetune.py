@@ -245,8 +245,11 @@ def _size_table(res: FinetuneResults, size: int) -> list[str]:
             rows.append([v.label, pm(list(accs.values())), "—", "—", "—"])
             continue
         c = res.comparison(size, slug)
+        if not c.paired:
+            rows.append([v.label, pm(list(accs.values())), "—", "—", "—"])
+            continue
         rows.append([v.label, pm(list(accs.values())), signed(c.gain),
-                     ", ".join(signed(d) for d in c.paired.values()) or "—",
+                     ", ".join(signed(d) for d in c.paired.values()),
                      f"{c.verdict} (2 s.e. = {2 * 100 * c.se:.2f})"])
     return markdown_table(["variant", "test accuracy (%)", "gain", "per seed",
                            "beyond seed noise?"], rows)
@@ -266,7 +269,7 @@ def _plateau(res: FinetuneResults) -> list[str]:
 
 def _summary_words(res: FinetuneResults) -> list[str]:
     """What holds and what does not, in plain words, from the verdicts."""
-    lines = []
+    lines: list[str] = []
     for slug, v in VARIANTS.items():
         if slug == BASELINE:
             continue
@@ -277,7 +280,7 @@ def _summary_words(res: FinetuneResults) -> list[str]:
                 parts.append(f"{size} images: {_verdict_words(c)}")
         if parts:
             lines.append(f"- **{v.label}** vs plain fine-tuning: " + "; ".join(parts) + ".")
-    return lines
+    return lines or ["No comparison has both of its runs finished yet."]
 
 
 def _figure(res: FinetuneResults, path: Path) -> bool:
@@ -331,13 +334,14 @@ def report(res: FinetuneResults, out: Path) -> Path:
         lines += [f"![gains]({FIGURE})", "",
                   "Lines: mean gain over plain fine-tuning; dots: each seed's paired gain.", ""]
     every = res.all_runs()
-    worst = max((r.max_abs_diff_deploy for r in every), default=0.0)
-    agree = min((r.prediction_agreement for r in every), default=1.0)
-    lines += ["## Plateau check", "", *_plateau(res), "",
-              "## Deployment check", "",
-              f"Every finished run's deployed model against the trained one on the test set: "
-              f"max |logit difference| {worst:.2g}, identical predictions in {agree:.2%} or "
-              f"more.", ""]
+    check = "No finished runs yet."
+    if every:
+        worst = max(r.max_abs_diff_deploy for r in every)
+        agree = min(r.prediction_agreement for r in every)
+        check = (f"Every finished run's deployed model against the trained one on the test "
+                 f"set: max |logit difference| {worst:.2g}, identical predictions in "
+                 f"{agree:.2%} or more.")
+    lines += ["## Plateau check", "", *_plateau(res), "", "## Deployment check", "", check, ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

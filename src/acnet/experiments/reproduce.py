@@ -81,6 +81,7 @@ def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise InputError(f"jobs must be a positive integer, got {jobs!r}", params=("jobs",))
+    _check_study_dir(Path(out), preset_name)
     if preset_name in OTHER_STUDIES:
         return OTHER_STUDIES[preset_name].run(out, workers=jobs, device=device,
                                               data_dir=data_dir, seeds=seeds,
@@ -106,6 +107,23 @@ def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
         save_json(out / RESULTS, results)
         write_report(preset, out, results)
     return out / "report.md"
+
+
+def _check_study_dir(out: Path, preset_name: str) -> None:
+    """Refuse a directory that holds a training run or another study's results."""
+    if (out / "config.json").is_file():
+        raise InputError(f"{out} is a training run directory, not a study directory; choose "
+                         f"another --out", params=("out",))
+    results = out / RESULTS
+    if results.is_file():
+        try:
+            data = json.loads(results.read_text())
+        except (OSError, json.JSONDecodeError):
+            return  # rewritten below
+        other = data.get("study") or data.get("preset")
+        if other and other != preset_name:
+            raise InputError(f"{out} holds the {other!r} study, not {preset_name!r}; choose "
+                             f"another --out", params=("out", "preset"))
 
 
 def _rename_legacy(runs: list[RunSpec], out: Path) -> None:

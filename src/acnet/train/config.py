@@ -14,7 +14,7 @@ from torch import nn
 from ..convert import convert
 from ..errors import InputError
 from ..models import build_model, check_model_name
-from ..options import BRANCH_INITS, PRESERVE_OPTIONS, TRAIN_OPTIONS
+from ..options import BRANCH_INITS, PRESERVE_OPTIONS, TRAIN_OPTIONS, ACBOptions
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,13 @@ def _check_choices(cfg: TrainConfig) -> None:
     if cfg.branch_scale and (cfg.branch_bn or cfg.block != "acb"):
         raise InputError("branch_scale (online ACB) needs block='acb' and branch_bn=False",
                          params=("branch_scale", "block", "branch_bn"))
+    if cfg.block == "base":
+        defaults = ACBOptions()
+        changed = [n for n in PRESERVE_OPTIONS if getattr(cfg, n) != getattr(defaults, n)]
+        if changed:
+            raise InputError(f"{', '.join(f'{n}={getattr(cfg, n)!r}' for n in changed)}: "
+                             f"ACBlock options, which need block='acb', got block='base'",
+                             params=(*changed, "block"))
 
 
 def _check_finetune(cfg: TrainConfig) -> None:

@@ -133,6 +133,7 @@ def _build_model(cfg: TrainConfig, info: dist_utils.DistInfo, fresh: bool) -> nn
     instead, so the source may be gone by then)."""
     base = build_base_model(cfg)
     if cfg.init_from is not None and fresh:
+        _warn_kept_head(cfg, info)
         state = read_source(cfg.init_from)
         for note in load_source(base, state, num_classes=cfg.data_shape[1],
                                 new_head=cfg.new_head, src=cfg.init_from):
@@ -148,6 +149,19 @@ def _build_model(cfg: TrainConfig, info: dist_utils.DistInfo, fresh: bool) -> nn
                              "evaluation and deployment", params=("sync_bn",))
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def _warn_kept_head(cfg: TrainConfig, info: dist_utils.DistInfo) -> None:
+    """Say so when a run-directory source was trained on other classes and its classifier will
+    be kept because the class count fits."""
+    src = RunDir(str(cfg.init_from))
+    if cfg.new_head or not info.main or not src.config_file.is_file():
+        return
+    theirs = src.read_config()
+    if theirs.classes != cfg.classes and theirs.num_classes == cfg.data_shape[1]:
+        log.warning("init_from: the source was trained on classes %s, this run on %s; its "
+                    "classifier fits and is kept (pass --new-head to re-initialise it)",
+                    theirs.classes or "all", cfg.classes or "all")
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -238,10 +252,11 @@ def _compiled(cfg: TrainConfig, net: nn.Module, model: nn.Module
     return compiled, evaluator
 
 
-def _diverged(epoch: int, why: str) -> NonFiniteError:
-    """The one-line error of a diverged run."""
+def _diverged(r: _Run, epoch: int, why: str) -> NonFiniteError:
+    """The one-line error of a diverged run, and what to do next."""
     return NonFiniteError(f"training diverged at epoch {epoch + 1} ({why}); lower the "
-                          f"learning rate (lr)")
+                          f"learning rate (lr) and start again in a new output directory, or "
+                          f"delete {r.run.path}", params=("lr",))
 
 
 def _check_diverged(r: _Run, loss: float, epoch: int) -> None:
@@ -255,7 +270,7 @@ def _check_diverged(r: _Run, loss: float, epoch: int) -> None:
                  if t.is_floating_point()):
         why = "weights are not finite"
     if dist_utils.any_rank(bool(why), r.info):
-        raise _diverged(epoch, why or "on another rank")
+        raise _diverged(r, epoch, why or "on another rank")
 
 
 def _epoch(r: _Run, net: nn.Module, epoch: int, tb) -> None:
@@ -270,7 +285,7 @@ def _epoch(r: _Run, net: nn.Module, epoch: int, tb) -> None:
         test_acc, _ = evaluate(r.eval_net or r.model, r.test.loader, amp=cfg.amp,
                                check_finite=True)
     except FloatingPointError as exc:
-        raise _diverged(epoch, "test outputs are not finite") from exc
+        raise _diverged(r, epoch, "test outputs are not finite") from exc
     r.seconds += time.perf_counter() - t0
     row = {"epoch": epoch + 1, "train_loss": loss, "train_acc": acc, "test_acc": test_acc,
            "lr": r.opt.param_groups[0]["lr"], "images_per_s": ips, "seconds": r.seconds}
@@ -338,7 +353,7 @@ def _finish(r: _Run) -> dict[str, Any]:
         try:
             check = compare_models(r.model, folded, r.test.loader, device=info.device)
         except FloatingPointError as exc:
-            raise _diverged(cfg.schedule[0] - 1, "test outputs are not finite") from exc
+            raise _diverged(r, cfg.schedule[0] - 1, "test outputs are not finite") from exc
         deployed = deploy(r.model)  # the original architecture (a stock model loads it)
         r.run.save_deployed(deployed, cfg)
         metrics = {

@@ -41,13 +41,19 @@ def read_source(src: str | Path) -> dict[str, Tensor]:
                             "run)")
         path = run.deployed_file
     if path.suffix == ".safetensors":
-        state = load_deployed(path)
+        try:
+            state = load_deployed(path)
+        except CheckpointError as exc:
+            raise CheckpointError(f"init_from: {exc}", params=("init_from",)) from exc
     elif path.suffix in _TORCH_SUFFIXES:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
+            if "unsupported global" in str(exc).lower():  # weights_only met a pickled class
+                raise _bad(src, "holds pickled Python objects (a whole model?), which acnet "
+                                "does not unpickle; save model.state_dict() instead") from exc
             raise CheckpointError(f"init_from {src}: not a readable torch file "
-                                  f"({first_line(exc)})") from exc
+                                  f"({first_line(exc, 100)})", params=("init_from",)) from exc
     else:
         raise _bad(src, f"expected a run directory, .safetensors or "
                         f"{'/'.join(_TORCH_SUFFIXES)} file, got {path.suffix or 'no suffix'}")
@@ -71,7 +77,8 @@ def _state_dict(obj: object, src: str | Path) -> dict[str, Tensor]:
                         "directory, or deploy it first (acnet deploy RUN)")
     bad = sum(int((~torch.isfinite(t)).sum()) for t in obj.values() if t.is_floating_point())
     if bad:
-        raise NonFiniteError(f"init_from {src}: {bad} weights are not finite (NaN or infinity)")
+        raise NonFiniteError(f"init_from {src}: {bad} weights are not finite (NaN or infinity)",
+                             params=("init_from",))
     return obj
 
 
