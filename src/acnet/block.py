@@ -56,6 +56,25 @@ def _square(kernel_size: Any) -> int:
     return h
 
 
+def _check_geometry(in_channels: Any, out_channels: Any, kernel_size: Any, stride: Any,
+                    padding: Any, dilation: Any, groups: Any, dtype: Any) -> int:
+    """The ACB-specific checks, with messages naming the values; nn.Conv2d validates the rest
+    (padding strings, padding_mode, 'same' with a stride). Returns d."""
+    d = _square(kernel_size)
+    for name, value, minimum in (("in_channels", in_channels, 1),
+                                 ("out_channels", out_channels, 1), ("stride", stride, 1),
+                                 ("dilation", dilation, 1), ("groups", groups, 1)):
+        _ints(name, value, minimum)
+    if not isinstance(padding, str):
+        _ints("padding", padding, 0)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InputTypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if in_channels % groups or out_channels % groups:
+        raise InputError(f"groups={groups} must divide in_channels={in_channels} and "
+                         f"out_channels={out_channels}")
+    return d
+
+
 class ACBlock(nn.Module):
     """Asymmetric Convolution Block (Ding et al., ICCV 2019).
 
@@ -118,19 +137,8 @@ class ACBlock(nn.Module):
                           gamma_init=gamma_init, eps=eps, momentum=momentum)
         if not isinstance(fast_eval, bool):
             raise InputTypeError(f"fast_eval must be a bool, got {fast_eval!r}")
-        d = _square(kernel_size)
-        for name, value, minimum in (("in_channels", in_channels, 1),
-                                     ("out_channels", out_channels, 1), ("stride", stride, 1),
-                                     ("dilation", dilation, 1), ("groups", groups, 1)):
-            _ints(name, value, minimum)
-        if not isinstance(padding, str):
-            _ints("padding", padding, 0)
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise InputTypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-        if in_channels % groups or out_channels % groups:
-            raise InputError(f"groups={groups} must divide in_channels={in_channels} and "
-                             f"out_channels={out_channels}")
-        # nn.Conv2d validates the rest (padding strings, padding_mode, 'same' with a stride)
+        d = _check_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                            groups, dtype)
         self.square_conv = nn.Conv2d(in_channels, out_channels, d, stride, padding, dilation,
                                      groups, bias=False, padding_mode=padding_mode,
                                      device=device, dtype=dtype)
