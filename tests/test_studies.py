@@ -121,13 +121,17 @@ def test_scenes_have_exact_masks_boxes_and_labels():
 
 def test_dense_study_end_to_end(tmp_path, monkeypatch):
     from acnet.data import synthetic
-    from acnet.experiments import dense
+    from acnet.experiments import dense, detection
 
-    monkeypatch.setattr(dense, "load_dataset", lambda *a, **k: synthetic(
-        300, 100, channels=1, size=28, num_classes=10))
+    fake = lambda *a, **k: synthetic(300, 100, channels=1, size=28, num_classes=10)  # noqa: E731
+    monkeypatch.setattr(dense, "load_dataset", fake)
+    monkeypatch.setattr(detection, "load_dataset", fake)
     study = dense.DenseStudy(dataset="synthetic", train_scenes=64, test_scenes=16, epochs=2,
                              seeds=(0, 1))
-    path = dense.run(tmp_path, study=study, command="acnet reproduce --preset dense")
+    det = detection.DetectionStudy(dataset="synthetic", train_scenes=8, test_scenes=4,
+                                   epochs=1, batch_size=4)
+    path = dense.run(tmp_path, study=study, detection=det,
+                     command="acnet reproduce --preset dense")
     text = path.read_text()
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["pending"] == [] and set(data["runs"]) == {"base", "acb"}
@@ -137,11 +141,16 @@ def test_dense_study_end_to_end(tmp_path, monkeypatch):
             assert r["max_abs_diff_deploy"] < 1e-3 and len(r["curve"]) == 2
             assert r["params_deployed"] == data["runs"]["base"]["0"]["params_train"]
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "scenes.png").is_file()
+    dets = data["detection"]["runs"]
+    assert set(dets) == {"base", "acb"} and data["detection"]["pending"] == []
+    for runs in dets.values():
+        assert runs["0"]["same_detections"] is True and runs["0"]["detections"] > 0
+    assert dets["acb"]["0"]["converted"] > 0 and "## Detection" in text
     # resuming a finished study trains nothing; a killed run resumes from its checkpoint
     run = tmp_path / "runs" / "seg-acb-s1"
     (run / "metrics.json").unlink()
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    dense.run(tmp_path, study=study)
+    dense.run(tmp_path, study=study, detection=det)
     assert (run / "metrics.jsonl").read_text().splitlines() == lines
 
 

@@ -32,6 +32,7 @@ from ..io import (
     save_checkpoint,
     save_json,
 )
+from .detection import DETECTION, DetectionStudy, detection_jobs, detection_section, train_detector
 from .runner import Job, train_jobs
 from .stats import compare, markdown_table, pm, signed
 
@@ -312,7 +313,7 @@ def _deployment_line(every: list[dict[str, Any]]) -> str:
 
 
 def report(study: DenseStudy, out: Path, seeds: tuple[int, ...], command: str,
-           test: Scenes | None = None) -> Path:
+           test: Scenes | None = None, detection: DetectionStudy | None = None) -> Path:
     """Write results.json and report.md from the finished runs."""
     done, pending = _read(out, study, seeds)
     total = len(jobs(study, seeds))
@@ -352,11 +353,16 @@ def report(study: DenseStudy, out: Path, seeds: tuple[int, ...], command: str,
         f"{c.verdict} (2 s.e. = {2 * 100 * c.se:.2f})." if c.paired else "No paired seeds yet.",
         "", *_figures(done, out, test),
         "## Deployment check", "", _deployment_line(every), ""]
+    det: dict[str, Any] = {}
+    if detection is not None and detection.seeds:
+        det_lines, det = detection_section(detection, out)
+        lines += det_lines
     path = out / "report.md"
     path.write_text("\n".join(lines))
     save_json(out / RESULTS, {
         "study": "dense", "command": command, "settings": asdict(st), "runs": done,
         "pending": pending, "gain": c.gain if c.paired else None, "verdict": c.verdict,
+        "detection": det,
         "software": {"python": platform.python_version(), "torch": torch.__version__},
         "machine": machine()})
     return path
@@ -364,22 +370,27 @@ def report(study: DenseStudy, out: Path, seeds: tuple[int, ...], command: str,
 
 def run(out: str | Path, *, workers: int = 1, device: str = "auto", data_dir: str | None = None,
         seeds: tuple[int, ...] | None = None, train_runs: bool = True, command: str = "",
-        study: DenseStudy = DENSE) -> Path:
+        study: DenseStudy = DENSE, detection: DetectionStudy | None = None) -> Path:
     """Train what is missing (unless ``train_runs`` is False), then write results and report."""
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     if data_dir is not None:
         study = DenseStudy(**{**asdict(study), "data_dir": data_dir})
     seeds = seeds or study.seeds
+    det = DetectionStudy(**{**asdict(DETECTION), "data_dir": study.data_dir}) \
+        if detection is None else detection
     if train_runs:
         train_jobs(jobs(study, seeds), out / "runs", workers=workers, trainer=train_segmenter)
+        if det.seeds:
+            train_jobs(detection_jobs(det), out / "runs", workers=workers,
+                       trainer=train_detector)
     try:
         test = _data(study.config("base", 0))[1]
     except Exception as exc:  # the report still describes the runs without the sample figure
         log.warning("no scene figure: %s", exc)
         test = None
     return report(study, out, seeds, command or f"acnet reproduce --preset dense --out {out}",
-                  test)
+                  test, det)
 
 
 def summary(out: str | Path) -> str:
