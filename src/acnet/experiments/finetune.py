@@ -261,7 +261,7 @@ def _plateau(res: FinetuneResults) -> list[str]:
         curves = [[{"epoch": i + 1, "test_acc": a} for i, a in enumerate(r.curve)]
                   for r in res.runs.get((size, BASELINE), [])]
         rise = curve_rise(curves) if curves else None
-        rows.append([size, epochs, "—" if rise is None else
+        rows.append([f"{size:,}", epochs, "—" if rise is None else
                      f"{signed(rise['rise'])} (epoch {rise['from_epoch']} → {rise['to_epoch']})"])
     return markdown_table(["target images", "epochs", "baseline's mean test accuracy over the "
                            "last 20 % of epochs"], rows)
@@ -277,10 +277,32 @@ def _summary_words(res: FinetuneResults) -> list[str]:
         for size in sorted(res.study.sizes):
             c = res.comparison(size, slug)
             if c.paired:
-                parts.append(f"{size} images: {_verdict_words(c)}")
+                parts.append(f"{size:,} images: {_verdict_words(c)}")
         if parts:
             lines.append(f"- **{v.label}** vs plain fine-tuning: " + "; ".join(parts) + ".")
-    return lines or ["No comparison has both of its runs finished yet."]
+    if not lines:
+        return ["No comparison has both of its runs finished yet."]
+    return [_in_short(res), "", *lines]
+
+
+def _in_short(res: FinetuneResults) -> str:
+    """One sentence over every comparison's verdict."""
+    found = [(size, slug, res.comparison(size, slug)) for size in sorted(res.study.sizes)
+             for slug in VARIANTS if slug != BASELINE]
+    found = [f for f in found if f[2].paired]
+    better = [f"{VARIANTS[slug].label} at {size:,} images" for size, slug, c in found
+              if c.verdict == "yes, better"]
+    worse = [f"{VARIANTS[slug].label} at {size:,} images" for size, slug, c in found
+             if c.verdict == "yes, worse"]
+    gains = [c.gain for _, _, c in found]
+    text = ("In short: " + (f"better than plain fine-tuning beyond seed noise: "
+                            f"{'; '.join(better)}." if better else
+                            f"no variant beat plain fine-tuning beyond seed noise at any size "
+                            f"(gains from {signed(min(gains))} to {signed(max(gains))} "
+                            f"points)."))
+    if worse:
+        text += f" Worse beyond seed noise: {'; '.join(worse)}."
+    return text
 
 
 def _figure(res: FinetuneResults, path: Path) -> bool:
