@@ -40,17 +40,17 @@ def test_wheel_installed_elsewhere_works_outside_the_checkout(wheel, tmp_path):
                            "--target", str(site), str(wheel)], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    code = """
+    code = f"""
 import torch, acnet
 from torch import nn
-assert acnet.__file__.startswith(%r), acnet.__file__
+assert acnet.__file__.startswith({str(site)!r}), acnet.__file__
 m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)).eval()
 c = acnet.convert(m)
 d = acnet.deploy(c.eval())
 x = torch.randn(2, 3, 8, 8)
 assert (d(x) - m(x)).abs().max() < 1e-5
 print("ok", acnet.__version__)
-""" % str(site)
+"""
     env = {**os.environ, "PYTHONPATH": str(site)}
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
