@@ -204,3 +204,19 @@ def test_empty_study_reports_say_nothing_is_finished(tmp_path, capsys):
         text = (out / "report.md").read_text()
         assert "No finished runs yet." in text and "nan" not in text
     capsys.readouterr()
+
+
+def test_report_only_quotes_the_command_that_trained_the_runs(tmp_path, capsys):
+    from acnet.cli import main
+
+    out = tmp_path / "ft"
+    assert main(["reproduce", "--preset", "finetune", "--out", str(out), "--report-only"]) == 0
+    first = "acnet reproduce --preset finetune --out " + str(out) + " --report-only"
+    assert json.loads((out / "results.json").read_text())["command"] == first
+    data = json.loads((out / "results.json").read_text())
+    data["command"] = "acnet reproduce --preset finetune --out elsewhere --jobs 2"
+    (out / "results.json").write_text(json.dumps(data))
+    assert main(["reproduce", "--preset", "finetune", "--out", str(out), "--report-only"]) == 0
+    assert "Command: `acnet reproduce --preset finetune --out elsewhere --jobs 2`" in (
+        out / "report.md").read_text()
+    capsys.readouterr()

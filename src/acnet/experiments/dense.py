@@ -305,11 +305,14 @@ def _deployment_line(every: list[dict[str, Any]]) -> str:
     """The deployment check over every finished run."""
     if not every:
         return "No finished runs yet."
-    return (f"Deployed against trained model on the test scenes: max |logit difference| "
-            f"{max(r['max_abs_diff_deploy'] for r in every):.2g}, identical pixel predictions "
-            f"{min(r['prediction_agreement'] for r in every):.4%} or more; parameters "
-            f"{', '.join(sorted({str(r['params_train']) for r in every}))} trained → "
-            f"{', '.join(sorted({str(r['params_deployed']) for r in every}))} deployed.")
+    agree = min(r["prediction_agreement"] for r in every)
+    trained = ", ".join(f"{n:,}" for n in sorted({r["params_train"] for r in every}))
+    deployed = ", ".join(f"{n:,}" for n in sorted({r["params_deployed"] for r in every}))
+    return (f"Every deployed model against its trained model on the test scenes: max |logit "
+            f"difference| {max(r['max_abs_diff_deploy'] for r in every):.2g}; "
+            + ("every pixel prediction identical" if agree == 1.0 else
+               f"pixel predictions that differ: a fraction {1 - agree:.1g} at most (near-ties)")
+            + f". Parameters trained (baseline, ACNet): {trained}; deployed: {deployed}.")
 
 
 def report(study: DenseStudy, out: Path, seeds: tuple[int, ...], command: str,

@@ -66,6 +66,16 @@ INT8_CALIBRATION = 512  # calibration images (training set, seed 0), as `acnet e
 INT8_ONNX = "int8-check.onnx"  # written inside the run dir while measuring, then deleted
 
 
+def _training_command(out: Path, command: str | None) -> str | None:
+    """The command a report-only rewrite quotes: the one the existing results.json recorded
+    (the command that trained the runs), else ``command``."""
+    try:
+        kept = json.loads((out / RESULTS).read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        return command
+    return kept if isinstance(kept, str) and kept else command
+
+
 def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
               data_dir: str | None = None, analyze: bool = True, command: str | None = None,
               seeds: tuple[int, ...] | None = None, jobs: int = 1, train_runs: bool = True
@@ -82,6 +92,8 @@ def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise InputError(f"jobs must be a positive integer, got {jobs!r}", params=("jobs",))
     _check_study_dir(Path(out), preset_name)
+    if not train_runs:
+        command = _training_command(Path(out), command)
     if preset_name in OTHER_STUDIES:
         return OTHER_STUDIES[preset_name].run(out, workers=jobs, device=device,
                                               data_dir=data_dir, seeds=seeds,
