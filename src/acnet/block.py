@@ -159,33 +159,7 @@ class ACBlock(nn.Module):
         self.acnet_conv_bias: bool = True
         self._pads = input_pads(sq.padding, d, sq.dilation)  # top, bottom, left, right
         self.fused_conv: nn.Conv2d | None = None  # set by reparameterize()
-        self._build(opts, {"device": device, "dtype": dtype})
-
-    def _build(self, opts: ACBOptions, fk: dict[str, Any]) -> None:
-        """Create the asymmetric branch convs, the BatchNorms or scales, and the tap indices."""
-        d = self.kernel_size[0]
-        cin, cout = self.in_channels, self.out_channels
-        bn_kw = {"eps": float(opts.eps), "momentum": opts.momentum, "affine": opts.affine, **fk}
-        conv_kw = {"stride": self.stride, "dilation": self.dilation, "groups": self.groups,
-                   "bias": False, **fk}
-        shapes = {"square": None, "hor": (1, d), "ver": (d, 1)}
-        names = ["square"] + ["hor"] * self.horizontal + ["ver"] * self.vertical
-        for name in names:  # conv, then its BN: the official repo's state_dict order
-            shape = shapes[name]
-            if shape is not None:
-                setattr(self, f"{name}_conv", nn.Conv2d(cin, cout, shape, **conv_kw))
-            if self.branch_bn:
-                setattr(self, f"{name}_bn", nn.BatchNorm2d(cout, **bn_kw))
-        if not self.branch_bn:
-            self.bn = nn.BatchNorm2d(cout, **bn_kw)
-        init = 1.0 if opts.gamma_init is None else float(opts.gamma_init)
-        if self.branch_scale:
-            for name in names:
-                setattr(self, f"{name}_scale", nn.Parameter(torch.full((cout,), init, **fk)))
-        elif opts.gamma_init is not None:
-            for bn in self.batch_norms():
-                nn.init.constant_(cast(Tensor, bn.weight), init)
-        self._register_taps()
+        _add_branches(self, opts, {"device": device, "dtype": dtype})
 
     def _register_taps(self) -> None:
         """The non-persistent buffer of flat window positions of the hor/ver kernel taps."""
@@ -220,18 +194,7 @@ class ACBlock(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}, padding={self.padding}")
-        for name, default in (("dilation", (1, 1)), ("groups", 1), ("padding_mode", "zeros")):
-            if getattr(self, name) != default:
-                s += f", {name}={getattr(self, name)!r}"
-        if not self.is_fused:
-            s += (f", horizontal={self.horizontal}, vertical={self.vertical}, "
-                  f"branch_bn={self.branch_bn}, position={self.position!r}")
-            if self.branch_scale:
-                s += ", branch_scale=True"
-            s += f", fast_eval={self.fast_eval}"
-        return s
+        return _describe(self)
 
     def new_conv(self, *, bias: bool = True, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> nn.Conv2d:
@@ -373,3 +336,46 @@ class ACBlock(nn.Module):
             self._parameters.pop(name, None)
         self._buffers.pop("_taps", None)
         self.fused_conv = fused
+
+
+def _add_branches(block: ACBlock, opts: ACBOptions, fk: dict[str, Any]) -> None:
+    """Create ``block``'s asymmetric branch convs, its BatchNorms or scales, and the taps."""
+    d = block.kernel_size[0]
+    cin, cout = block.in_channels, block.out_channels
+    bn_kw = {"eps": float(opts.eps), "momentum": opts.momentum, "affine": opts.affine, **fk}
+    conv_kw = {"stride": block.stride, "dilation": block.dilation, "groups": block.groups,
+               "bias": False, **fk}
+    shapes = {"square": None, "hor": (1, d), "ver": (d, 1)}
+    names = ["square"] + ["hor"] * block.horizontal + ["ver"] * block.vertical
+    for name in names:  # conv, then its BN: the official repo's state_dict order
+        shape = shapes[name]
+        if shape is not None:
+            setattr(block, f"{name}_conv", nn.Conv2d(cin, cout, shape, **conv_kw))
+        if block.branch_bn:
+            setattr(block, f"{name}_bn", nn.BatchNorm2d(cout, **bn_kw))
+    if not block.branch_bn:
+        block.bn = nn.BatchNorm2d(cout, **bn_kw)
+    init = 1.0 if opts.gamma_init is None else float(opts.gamma_init)
+    if block.branch_scale:
+        for name in names:
+            setattr(block, f"{name}_scale", nn.Parameter(torch.full((cout,), init, **fk)))
+    elif opts.gamma_init is not None:
+        for bn in block.batch_norms():
+            nn.init.constant_(cast(Tensor, bn.weight), init)
+    block._register_taps()
+
+
+def _describe(block: ACBlock) -> str:
+    """The block's extra_repr: its geometry, then its ACB options until fused."""
+    s = (f"{block.in_channels}, {block.out_channels}, kernel_size={block.kernel_size}, "
+         f"stride={block.stride}, padding={block.padding}")
+    for name, default in (("dilation", (1, 1)), ("groups", 1), ("padding_mode", "zeros")):
+        if getattr(block, name) != default:
+            s += f", {name}={getattr(block, name)!r}"
+    if not block.is_fused:
+        s += (f", horizontal={block.horizontal}, vertical={block.vertical}, "
+              f"branch_bn={block.branch_bn}, position={block.position!r}")
+        if block.branch_scale:
+            s += ", branch_scale=True"
+        s += f", fast_eval={block.fast_eval}"
+    return s
