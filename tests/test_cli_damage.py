@@ -183,3 +183,19 @@ def test_a_diverged_run_says_how_to_go_on(tmp_path, capsys):
         pytest.skip("lr 50 did not diverge on this data")
     one_line(rc, err, "training diverged")
     assert "new output directory" in err and "(set by --lr)" in err
+
+
+def test_messages_name_the_subcommand_and_defaults_not_given(deployed, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--bogus", "--out", str(tmp_path / "x")])
+    one_line(exc.value.code, capsys.readouterr().err,
+             "acnet train: error: unrecognized arguments: --bogus")
+    i = TINY.index("--batch-size")
+    tiny = TINY[:i] + TINY[i + 2:]
+    rc, _, err = run(capsys, "train", *tiny, "--out", tmp_path / "y")
+    one_line(rc, err, "larger than the 64 training images (--batch-size's default)")
+    rc, _, err = run(capsys, "train", *tiny, "--batch-size", "128", "--out", tmp_path / "z")
+    one_line(rc, err, "(set by --batch-size)")
+    for path in (deployed, tmp_path / "missing"):
+        rc, _, err = run(capsys, "deploy", path)
+        one_line(rc, err, "is not a run directory")

@@ -112,6 +112,8 @@ def test_untraceable_pairs_are_never_proven_on_guessed_inputs():
     out = _convert(model)
     assert "example_inputs" in out.acnet_report.skipped["conv"]
     assert isinstance(out.conv, nn.Conv2d)
+    note = " ".join(out.acnet_report.notes)
+    assert "skipped (pass example_inputs" in note and "were proven" not in note
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert rel_err(out(x), model(x)) <= TOL

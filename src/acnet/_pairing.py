@@ -47,7 +47,7 @@ class ConvUse:
 
 @dataclass
 class Pairing:
-    """The result of :func:`find_pairs`: one :class:`ConvUse` per conv, and notes for the report."""
+    """The result of ``find_pairs``: one ``ConvUse`` per conv, and notes for the report."""
 
     uses: dict[str, ConvUse] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -283,9 +283,11 @@ def find_pairs(model: nn.Module, names: set[str], example_inputs: Any = None) ->
             found[name].append((label, use))
     if failed:
         out.notes.append(f"torch.fx could not trace {type(model).__name__} ({failed}); pairings "
-                         f"were proven from submodule graphs"
-                         + (" or a probe run on the given inputs" if example_inputs is not None
-                            else ""))
+                         f"are proven from the graphs of traceable submodules"
+                         + (", else by a probe run on the given inputs"
+                            if example_inputs is not None else
+                            "; convs outside them are skipped (pass example_inputs to probe "
+                            "them)"))
     rest = set()
     for name, per_mode in found.items():
         if len(per_mode) == len(modes):

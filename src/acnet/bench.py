@@ -55,7 +55,7 @@ class StraightforwardACB(nn.Module):
 
 
 def _straightforward(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every ACBlock replaced by its :class:`StraightforwardACB`."""
+    """A copy of ``model`` with every ACBlock replaced by its ``StraightforwardACB``."""
     model = copy.deepcopy(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, ACBlock):
@@ -198,7 +198,7 @@ def run_bench(*, models: tuple[str, ...] = ("resnet20", "resnet56", "cifar_quick
               repeats: int = 10, warmup: int = 2, conversion: bool = True,
               compile: bool = False, channels_last: bool = True) -> dict[str, Any]:
     """Run the suite (training at each ``batch``, inference at 1 and each batch); returns a
-    JSON-able dict (see :func:`format_table`). ``compile`` adds the torch.compile variants;
+    JSON-able dict (see ``format_table``). ``compile`` adds the torch.compile variants;
     ``channels_last`` trains in that memory format (as `acnet train` does by default)."""
     batches = (batch,) if isinstance(batch, int) else tuple(batch)
     if repeats < 1 or not batches or min(batches) < 1:
@@ -283,7 +283,7 @@ def _memory_table(res: dict[str, Any]) -> list[str]:
 
 
 def format_table(res: dict[str, Any]) -> str:
-    """Markdown tables of a :func:`run_bench` result (load: 1-minute load average before/after
+    """Markdown tables of a ``run_bench`` result (load: 1-minute load average before/after
     each row's timing)."""
     lines = [f"Machine: {res['machine']}; medians of {res['repeats']} interleaved repeats.", "",
              *_training_table(res), *_compiled_table(res), *_inference_table(res),
@@ -296,5 +296,5 @@ def format_table(res: dict[str, Any]) -> str:
 
 
 def save(res: dict[str, Any], path: str | Path) -> None:
-    """Write a :func:`run_bench` result as indented JSON (atomic, no NaN)."""
+    """Write a ``run_bench`` result as indented JSON (atomic, no NaN)."""
     save_json(path, res)

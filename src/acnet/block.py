@@ -268,7 +268,7 @@ class ACBlock(nn.Module):
     def _conv(self, x: Tensor, weight: Tensor, row: int, col: int,
               bias: Tensor | None) -> Tensor:
         """A (kh, kw) kernel whose taps sit at (row, col) of the window, aligned with the square
-        conv (:func:`~acnet.alignment.branch_conv`)."""
+        conv (``branch_conv``)."""
         return branch_conv(x, weight, bias, row, col, self.kernel_size[0], self.stride,
                            self.dilation, self.groups, self._pads, self.padding_mode)
 

@@ -31,6 +31,17 @@ def positive_int(s: str) -> int:
     return v
 
 
+def non_negative_int(s: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
 def _ratios(s: str) -> list[float]:
     """Parse --ratios (comma-separated numbers)."""
     try:
@@ -120,9 +131,12 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
 
 def add_bench(p: argparse.ArgumentParser) -> None:
     """bench's options."""
-    p.add_argument("--models", default="resnet20,resnet56,cifar_quick")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--models", default="resnet20,resnet56,cifar_quick",
+                   help="comma-separated models to time (default: %(default)s)")
+    p.add_argument("--repeats", type=positive_int, default=10,
+                   help="timed rounds, every variant once per round (default: %(default)s)")
+    p.add_argument("--warmup", type=non_negative_int, default=2,
+                   help="untimed rounds first (default: %(default)s)")
     p.add_argument("--batch", default="128", help="training batch size(s), comma-separated")
     p.add_argument("--device", help="cpu, cuda or cpu,cuda (default: all available)")
     p.add_argument("--no-conversion", action="store_true", help="skip the resnet50 timing")

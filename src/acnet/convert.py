@@ -326,13 +326,13 @@ def convert(
     filter: Callable[[str, nn.Conv2d], bool] | None = None,
     **acb_options: Any,
 ) -> nn.Module:
-    """Replace every eligible ``nn.Conv2d`` of ``model`` by an :class:`~acnet.ACBlock`.
+    """Replace every eligible ``nn.Conv2d`` of ``model`` by an ``ACBlock``.
 
     Eligible: a square kernel of at least 3 with stride below it, trainable, not shared or
     tied, not inside a block that re-parameterizes itself; ``include(name, conv) -> bool``
     chooses instead. A conv whose output provably goes only into a BatchNorm (plain, sync,
     timm's BatchNormAct2d, or a frozen one) takes that norm into its block and the norm's slot
-    becomes :class:`AbsorbedBatchNorm`. Proof comes from torch.fx graphs in training and eval
+    becomes ``AbsorbedBatchNorm``. Proof comes from torch.fx graphs in training and eval
     mode; for code fx cannot trace, from probe runs on ``example_inputs`` (a tensor or a tuple
     of forward arguments), reported as "proven on the given inputs". What cannot be proven is
     skipped with the reason, in ``result.acnet_report``.
@@ -341,7 +341,7 @@ def convert(
     computes what the original did (eval mode, and training mode for conv→BN pairs); the new
     branches start at zero (``branch_init="zero"``) or small and random with the square kernel
     compensating (``"small"``, DyRep-style; eval mode exact). ``preserve=False`` gives fresh
-    blocks. ``acb_options`` are ACBlock options (:class:`~acnet.ACBOptions`). A frozen norm
+    blocks. ``acb_options`` are ACBlock options (``ACBOptions``). A frozen norm
     makes its block the online form (branch scales, the frozen norm after the merged kernel):
     no batch statistics, so tiny detection batches train it. Training modes and
     ``requires_grad`` are kept. ``filter=`` is the deprecated name of ``include=``.

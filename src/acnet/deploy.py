@@ -151,7 +151,7 @@ def _deploy_block(model: nn.Module, block: ACBlock, slot: str | None, fold_bn: b
 
 
 def deploy(model: nn.Module, *, inplace: bool = False, fold_bn: bool = False) -> nn.Module:
-    """Fuse every :class:`~acnet.ACBlock` into one conv and restore the norms convert() absorbed.
+    """Fuse every ``ACBlock`` into one conv and restore the norms convert() absorbed.
 
     The result has the original module tree, classes (frozen norms included) and state_dict
     keys. ``fold_bn=True`` gives the minimal form instead: every conv→BN pair (converted or

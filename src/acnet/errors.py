@@ -39,7 +39,7 @@ class MissingDependencyError(ACNetError, ImportError):
 
 
 def require(module: str, extra: str, what: str) -> ModuleType:
-    """Import ``module``, or raise :class:`MissingDependencyError` naming ``extra``."""
+    """Import ``module``, or raise ``MissingDependencyError`` naming ``extra``."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:

@@ -31,7 +31,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
     """Deploy ``model`` (if it has ACBlocks), export it to ONNX, check it, compare onnxruntime.
 
     Returns the measured relative max error of onnxruntime against PyTorch on a random input;
-    raises :class:`ExportMismatchError` when it exceeds ``rtol``.
+    raises ``ExportMismatchError`` when it exceeds ``rtol``.
     """
     onnx, ort = _require()
     if not (isinstance(input_shape, (tuple, list)) and len(input_shape) == 4

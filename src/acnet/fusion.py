@@ -64,7 +64,7 @@ def embed_kernel(kernel: Tensor, size: int, row: int, col: int) -> Tensor:
 
 
 def tap_indices(size: int, placements: list[tuple[int, int, int, int]]) -> Tensor:
-    """Where each branch's taps land in a flattened size×size kernel, for :func:`merge_kernels`.
+    """Where each branch's taps land in a flattened size×size kernel, for ``merge_kernels``.
 
     ``placements`` holds (kh, kw, row, col) of each branch to add onto a full size×size
     kernel; all must have the same number of taps (1×d and d×1 both have d). Returns a
@@ -90,7 +90,7 @@ def merge_kernels(
     """Σ_b scales[b] ⊙ embed(kernels[b]) as one (O, I, d, d) kernel, in a handful of ops.
 
     ``kernels[0]`` is the full d×d kernel, ``kernels[b]`` (b ≥ 1) lands on the flat window
-    positions ``taps[b - 1]`` (from :func:`tap_indices`); ``scales`` holds one (O,) factor per
+    positions ``taps[b - 1]`` (from ``tap_indices``); ``scales`` holds one (O,) factor per
     branch (None: all 1). One ``index_add`` per extra branch (each position once: exact and
     deterministic), so the graph stays small forward and backward. The result has the strides
     of ``kernels[0]``: a channels_last model gets a channels_last kernel, even with one input

@@ -94,7 +94,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; a bad file raises :class:`CheckpointError`."""
+    """Load a checkpoint with ``weights_only=True``; a bad file raises ``CheckpointError``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")

@@ -24,8 +24,10 @@ __all__ = [
 BRANCH_INITS = ("zero", "small")
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+def _help(text: str, without: str | None = None) -> dict[str, str]:
+    """Field metadata: what the option does, and (for a flag on by default) what turning it off
+    does, for the CLI's --no- flag."""
+    return {"help": text, "without": without or f"without {text}"}
 
 
 @dataclass(frozen=True)
@@ -35,14 +37,16 @@ class ACBOptions:
     horizontal: bool = field(default=True, metadata=_help("the 1xd branch"))
     vertical: bool = field(default=True, metadata=_help("the dx1 branch"))
     branch_bn: bool = field(default=True, metadata=_help(
-        "a BatchNorm per branch (False: one BN after the summed kernels)"))
+        "a BatchNorm per branch", "one BatchNorm after the summed kernels instead of one per "
+        "branch"))
     branch_scale: bool = field(default=False, metadata=_help(
-        "online ACB: a learnable per-channel scale per branch (needs branch_bn=False)"))
+        "online ACB: a learnable per-channel scale per branch (needs branch_bn=False, "
+        "--no-branch-bn on the command line)"))
     position: str = field(default="center", metadata=_help(
         "where the 1xd / dx1 kernels sit: 'center' (the skeleton) or 'corner'"))
     gamma_init: float | None = field(default=None, metadata=_help(
         "initial BN scale of every branch (or of the branch scales); None: 1"))
-    affine: bool = field(default=True, metadata=_help("BatchNorms with affine parameters"))
+    affine: bool = field(default=True, metadata=_help("affine parameters in the BatchNorms"))
     eps: float = field(default=1e-5, metadata=_help("BatchNorm eps"))
     momentum: float | None = field(default=0.1, metadata=_help("BatchNorm momentum"))
 

@@ -137,7 +137,7 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     """Quantize an fp32 ONNX classifier to static INT8 (QDQ) with onnxruntime; returns the path.
 
     ``calibration``: images as the model expects them (normalized), see
-    :func:`calibration_array`. ``method``: ``minmax``, ``entropy`` or ``percentile`` (activation
+    ``calibration_array``. ``method``: ``minmax``, ``entropy`` or ``percentile`` (activation
     ranges); ``per_channel``: one weight scale per output channel (else per tensor);
     ``nodes_to_exclude``: ONNX node names left in float (mixed precision).
     """
@@ -171,7 +171,7 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
 def quantize_model(model: nn.Module, onnx_path: str | os.PathLike, calibration: Any, *,
                    num_images: int | None = None, **options: Any) -> tuple[Path, Path]:
     """Export ``model`` (deployed or with ACBlocks) to fp32 ONNX at ``onnx_path`` and quantize
-    it to ``FILE.int8.onnx``; returns both paths. ``options`` go to :func:`quantize_onnx`."""
+    it to ``FILE.int8.onnx``; returns both paths. ``options`` go to ``quantize_onnx``."""
 
     images = calibration_array(calibration, num_images)
     export_onnx(model, onnx_path, (1, *images.shape[1:]))

@@ -129,9 +129,10 @@ def load_deployed_model(path: str | os.PathLike, device: str = "cpu") -> nn.Modu
 def deploy_run(run_dir: str | os.PathLike) -> tuple[Path, Any, float]:
     """Re-deploy a run from its checkpoint: writes deployed.safetensors; returns the report and
     the max |difference| between trained and deployed outputs on a random batch."""
+    if not Path(run_dir).is_dir():
+        raise InputError(f"{run_dir} is not a run directory (deploy rewrites a run's "
+                         f"deployed.safetensors from its checkpoint)")
     cfg, path = open_run(run_dir)
-    if not path.is_dir():
-        raise InputError(f"acnet deploy needs a run directory, got {path}")
     trained = load_trained(path)
     deployed = deploy(trained)
     channels, _, size = cfg.data_shape

@@ -1,6 +1,6 @@
 """Matplotlib figures for the studies (imported only when plotting).
 
-Every figure colours a variant the same way (:data:`VARIANT_COLOURS`, keyed by the study's
+Every figure colours a variant the same way (``VARIANT_COLOURS``, keyed by the study's
 variant slugs), draws mean ± std bands, and keeps the legend outside the data.
 """
 

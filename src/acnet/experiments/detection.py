@@ -111,7 +111,7 @@ def _pretrained_stand_in(num_classes: int, train: Scenes) -> Any:
 
 def detection_map(model: nn.Module, scenes: Scenes, batch: int = 50) -> dict[str, Any]:
     """COCO-style mAP (IoU 0.5:0.95), mAP@0.5 and the detections of ``model`` on ``scenes``."""
-    metrics = require("torchmetrics.detection", "dev", "detection mAP")
+    metrics = require("torchmetrics.detection", "dense", "detection mAP")
     m = metrics.MeanAveragePrecision(iou_type="bbox")
     model.eval()
     outs = []

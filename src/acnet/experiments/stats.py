@@ -62,7 +62,7 @@ class Comparison:
 
 
 def compare(reference: Mapping[int, float], variant: Mapping[int, float]) -> Comparison:
-    """A :class:`Comparison` of two {seed: value} maps."""
+    """A ``Comparison`` of two {seed: value} maps."""
     return Comparison(dict(reference), dict(variant))
 
 

@@ -57,7 +57,7 @@ def _timm():
 
 
 def check_model_name(name: str) -> None:
-    """Raise ValueError for a name :func:`build_model` cannot build (without building it)."""
+    """Raise ValueError for a name ``build_model`` cannot build (without building it)."""
     if not isinstance(name, str) or not name:
         raise InputError(f"model name must be a non-empty string, got {name!r}")
     if name in MODELS:

@@ -106,7 +106,7 @@ class TrainConfig:
 
     @property
     def schedule(self) -> tuple[int, float, float]:
-        """(epochs, lr, weight_decay) of a resolved config (:func:`resolve` fills them)."""
+        """(epochs, lr, weight_decay) of a resolved config (``resolve`` fills them)."""
         if self.epochs is None or self.lr is None or self.weight_decay is None:
             raise InputError("the config is not resolved: call acnet.train.config.resolve()")
         return self.epochs, self.lr, self.weight_decay

@@ -128,7 +128,7 @@ def load_source(model: nn.Module, state: dict[str, Tensor], *, num_classes: int,
         what = "as asked (new_head)" if new_head and not wrong else (
             f"the source has {old.shape[0] if old is not None else '?'} outputs, this run "
             f"{num_classes} classes")
-        notes.append(f"init_from: classifier {head} re-initialised ({what})")
+        notes.append(f"init_from: classifier {head!r} re-initialised ({what})")
         state = {k: v for k, v in state.items() if not in_head(k)}
         missing = [k for k in missing if not in_head(k)]
         wrong = [k for k in wrong if not in_head(k)]
