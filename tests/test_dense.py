@@ -296,48 +296,65 @@ def test_biases_that_cannot_move_stay_with_the_reason(how, reason):
         assert rel_err(dep(x), conv(x)) <= TOL
 
 
-@pytest.mark.parametrize("name", ["ese_vovnet19b_dw", "mixnet_s"])
-def test_timm_models_that_used_to_gain_biases_now_load_strictly(name):
-    timm = pytest.importorskip("timm")
+def _deploys_to_the_stock_class(make) -> nn.Module:
+    """Convert, train-perturb and deploy ``make()``; a fresh ``make()`` loads the result strictly
+    and computes what the trained ACNet does. Returns the deployed model (for its report)."""
     torch.manual_seed(0)
-    model = randomize_bn(timm.create_model(name, num_classes=5)).eval()
-    conv = _perturb(_convert(model)).eval()
-    dep = acnet.deploy(conv)
-    assert not dep.acnet_report.names("bias-added")
-    stock = timm.create_model(name, num_classes=5)
-    stock.load_state_dict(dep.state_dict())
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert rel_err(stock.eval()(x), conv(x)) <= 1e-4
-
-
-def test_smp_deeplabv3plus_loads_strictly_after_deploy():
-    smp = pytest.importorskip("segmentation_models_pytorch")
-    torch.manual_seed(0)
-
-    def make():
-        return smp.DeepLabV3Plus(encoder_name="resnet18", encoder_weights=None, classes=3)
-
     model = randomize_bn(make()).eval()
     conv = _perturb(_convert(model)).eval()
     dep = acnet.deploy(conv)
-    assert "decoder.aspp.0.convs.1.0.0" in dep.acnet_report.names("bias-moved")
     stock = make()
-    stock.load_state_dict(dep.state_dict())
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert rel_err(stock.eval()(x), conv(x)) <= 1e-4
-
-
-def test_densenet_deploys_to_the_stock_class():
-    tv = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    model = randomize_bn(tv.models.densenet121(num_classes=5)).eval()
-    conv = _perturb(_convert(model)).eval()
-    dep = acnet.deploy(conv)
-    assert len(dep.acnet_report.names("bias-moved")) == 58
-    stock = tv.models.densenet121(num_classes=5)
     stock.load_state_dict(copy.deepcopy(dep.state_dict()))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert rel_err(stock.eval()(x), conv(x)) <= 1e-4
+    return dep
+
+
+@pytest.mark.parametrize("name", ["ese_vovnet19b_dw", "mixnet_s"])
+def test_timm_models_that_used_to_gain_biases_now_load_strictly(name):
+    timm = pytest.importorskip("timm")
+    dep = _deploys_to_the_stock_class(lambda: timm.create_model(name, num_classes=5))
+    assert not dep.acnet_report.names("bias-added")
+
+
+def test_smp_deeplabv3plus_loads_strictly_after_deploy():
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    dep = _deploys_to_the_stock_class(lambda: smp.DeepLabV3Plus(
+        encoder_name="resnet18", encoder_weights=None, classes=3))
+    assert "decoder.aspp.0.convs.1.0.0" in dep.acnet_report.names("bias-moved")
+
+
+def test_densenet_deploys_to_the_stock_class():
+    tv = pytest.importorskip("torchvision")
+    dep = _deploys_to_the_stock_class(lambda: tv.models.densenet121(num_classes=5))
+    assert len(dep.acnet_report.names("bias-moved")) == 58
+
+
+def test_scene_runs_refuse_other_settings_and_resume_after_the_last_checkpoint(tmp_path):
+    from acnet.errors import InputError
+    from acnet.experiments.scene_run import end_epoch, open_run, resume
+
+    cfg = {"seed": 0, "lr": 0.1, "device": "cpu", "data_dir": "a"}
+    out, saved = open_run(cfg, tmp_path / "run")
+    assert "device" not in saved
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    end_epoch(out, {"epoch": 1, "seconds": 2.0}, model, opt, sched)
+    with open(out / "metrics.jsonl", "a") as f:  # a line written, then killed before its checkpoint
+        f.write('{"epoch": 2, "seconds": 3.0}\n')
+    open_run({**cfg, "data_dir": "b"}, out)  # the data may move
+    with pytest.raises(InputError, match="other settings \\(lr\\)"):
+        open_run({**cfg, "lr": 0.2}, out)
+    fresh = nn.Linear(3, 2)
+    opt2 = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, 1)
+    assert resume(out, fresh, opt2, sched2) == (1, 2.0)
+    assert torch.equal(fresh.weight, model.weight)
+    assert sched2.last_epoch == 1 and opt2.state_dict()["state"]
+    assert (out / "metrics.jsonl").read_text().count("\n") == 1

@@ -24,16 +24,14 @@ from ..convert import convert
 from ..data import load_dataset
 from ..data.scenes import Scenes, scene_splits
 from ..deploy import deploy
-from ..errors import InputError, NonFiniteError, require
+from ..errors import NonFiniteError, require
 from ..io import (
-    append_json_line,
-    atomic_write_bytes,
-    load_checkpoint,
-    save_checkpoint,
     save_json,
 )
 from .detection import DETECTION, DetectionStudy, detection_jobs, detection_section, train_detector
+from .presets import SceneStudy
 from .runner import Job, train_jobs
+from .scene_run import end_epoch, open_run, resume
 from .stats import compare, markdown_table, pm, signed
 
 log = logging.getLogger(__name__)
@@ -61,26 +59,12 @@ LABELS = {"base": "baseline", "acb": "ACNet"}
 
 
 @dataclass(frozen=True)
-class DenseStudy:
-    """The study's settings (every field lands in each run's config.json)."""
+class DenseStudy(SceneStudy):
+    """The segmentation study's settings (every field lands in each run's config.json)."""
 
-    dataset: str = "fashion-mnist"
-    scene_size: int = 64
-    max_items: int = 3
-    train_scenes: int = 6000
-    test_scenes: int = 1000
-    scene_seed: int = 0
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 0.05
     weight_decay: float = 4e-5
     seeds: tuple[int, ...] = (0, 1, 2)
     data_dir: str | None = None  # where the dataset is (not a setting: resume may move it)
-
-    def config(self, variant: str, seed: int) -> dict[str, Any]:
-        cfg = asdict(self)
-        cfg.pop("seeds")
-        return {**cfg, "variant": variant, "seed": seed}
 
 
 DENSE = DenseStudy()
@@ -150,19 +134,7 @@ def _data(cfg: dict[str, Any]) -> tuple[Scenes, Scenes]:
 def train_segmenter(config: dict[str, Any], path: str, threads: int | None = None) -> str:
     """Train (or resume) one segmentation run into ``path``: checkpoint and metrics line per
     epoch, then deploy and compare; a user's own loop, acnet only converts and deploys."""
-    if threads:
-        torch.set_num_threads(threads)
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = {k: v for k, v in config.items() if k not in ("device",)}
-    cfg_file = out / "config.json"
-    if cfg_file.is_file():
-        old = json.loads(cfg_file.read_text())
-        diff = sorted(k for k in {*old, *cfg} - {"data_dir"} if old.get(k) != cfg.get(k))
-        if diff:
-            raise InputError(f"{out} holds a run with other settings ({', '.join(diff)}); use "
-                             f"another directory")
-    save_json(cfg_file, cfg)
+    out, cfg = open_run(config, path, threads)
     train, test = _data(cfg)
     torch.manual_seed(cfg["seed"])
     model = _model(cfg, train.num_classes)
@@ -171,29 +143,14 @@ def train_segmenter(config: dict[str, Any], path: str, threads: int | None = Non
     steps = len(train) // cfg["batch_size"]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg["lr"], total_steps=cfg["epochs"] * steps,
                                                 pct_start=0.1)
-    start, seconds = 0, 0.0
-    ckpt = out / "checkpoint.pt"
-    if ckpt.is_file():
-        state = load_checkpoint(ckpt)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, seconds = state["epoch"], state["seconds"]
-        torch.set_rng_state(state["rng"])
-    lines = out / "metrics.jsonl"
-    kept = lines.read_text().splitlines()[:start] if lines.is_file() else []
-    atomic_write_bytes(lines, "".join(ln + "\n" for ln in kept).encode())
+    start, seconds = resume(out, model, opt, sched)
     for epoch in range(start, cfg["epochs"]):
         t0 = time.perf_counter()
         loss = _epoch(model, opt, sched, train, cfg, epoch)
         ev = miou(model, test)
         seconds += time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "train_loss": loss, "test_miou": ev["miou"],
-               "test_pixel_acc": ev["pixel_acc"], "seconds": seconds}
-        append_json_line(lines, row)
-        save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "epoch": epoch + 1,
-                               "seconds": seconds, "rng": torch.get_rng_state()})
+        end_epoch(out, {"epoch": epoch + 1, "train_loss": loss, "test_miou": ev["miou"],
+                        "test_pixel_acc": ev["pixel_acc"], "seconds": seconds}, model, opt, sched)
         log.info("%s epoch %d/%d loss %.4f test mIoU %.4f", out.name, epoch + 1, cfg["epochs"],
                  loss, ev["miou"])
     _finish(model, test, out, cfg, seconds)

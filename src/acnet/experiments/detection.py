@@ -25,9 +25,11 @@ from ..convert import convert
 from ..data import load_dataset
 from ..data.scenes import Scenes, scene_splits
 from ..deploy import deploy
-from ..errors import InputError, NonFiniteError, require
-from ..io import append_json_line, load_checkpoint, save_checkpoint, save_json
+from ..errors import NonFiniteError, require
+from ..io import save_json
+from .presets import SceneStudy
 from .runner import Job
+from .scene_run import end_epoch, open_run, resume
 
 log = logging.getLogger(__name__)
 
@@ -43,25 +45,16 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class DetectionStudy:
+class DetectionStudy(SceneStudy):
     """The detection runs' settings (every field lands in each run's config.json)."""
 
-    dataset: str = "fashion-mnist"
-    scene_size: int = 64
-    max_items: int = 3
     train_scenes: int = 2000
     test_scenes: int = 300
-    scene_seed: int = 0
     epochs: int = 4
     batch_size: int = 4
     lr: float = 0.01
     seeds: tuple[int, ...] = (0,)
     data_dir: str | None = None
-
-    def config(self, variant: str, seed: int) -> dict[str, Any]:
-        cfg = asdict(self)
-        cfg.pop("seeds")
-        return {**cfg, "variant": variant, "seed": seed}
 
 
 DETECTION = DetectionStudy()
@@ -134,17 +127,7 @@ def _data(cfg: dict[str, Any]) -> tuple[Scenes, Scenes]:
 
 def train_detector(config: dict[str, Any], path: str, threads: int | None = None) -> str:
     """Train (or resume) one detection run into ``path``, then deploy and compare."""
-    if threads:
-        torch.set_num_threads(threads)
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = {k: v for k, v in config.items() if k != "device"}
-    cfg_file = out / "config.json"
-    if cfg_file.is_file():
-        old = json.loads(cfg_file.read_text())
-        if any(old.get(k) != cfg.get(k) for k in {*old, *cfg} - {"data_dir"}):
-            raise InputError(f"{out} holds a detection run with other settings")
-    save_json(cfg_file, cfg)
+    out, cfg = open_run(config, path, threads)
     train, test = _data(cfg)
     torch.manual_seed(cfg["seed"])
     model = _pretrained_stand_in(train.num_classes, train)
@@ -154,23 +137,12 @@ def train_detector(config: dict[str, Any], path: str, threads: int | None = None
             model = convert(model, inplace=True)  # frozen norms absorbed: the online form
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=1e-4)
-    start, seconds = 0, 0.0
-    ckpt = out / "checkpoint.pt"
-    if ckpt.is_file():
-        state = load_checkpoint(ckpt)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, seconds = state["epoch"], state["seconds"]
-        torch.set_rng_state(state["rng"])
+    start, seconds = resume(out, model, opt)
     for epoch in range(start, cfg["epochs"]):
         t0 = time.perf_counter()
         loss = _epoch(model, opt, train, cfg, epoch)
         seconds += time.perf_counter() - t0
-        append_json_line(out / "metrics.jsonl", {"epoch": epoch + 1, "train_loss": loss,
-                                                 "seconds": seconds})
-        save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                               "epoch": epoch + 1, "seconds": seconds,
-                               "rng": torch.get_rng_state()})
+        end_epoch(out, {"epoch": epoch + 1, "train_loss": loss, "seconds": seconds}, model, opt)
         log.info("%s epoch %d/%d loss %.4f", out.name, epoch + 1, cfg["epochs"], loss)
     _finish(model, test, out, cfg, seconds)
     return path

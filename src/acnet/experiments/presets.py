@@ -1,8 +1,8 @@
-"""The run matrices of `acnet reproduce`."""
+"""The run matrices of `acnet reproduce`, and the settings shared by the scene studies."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import InputError
@@ -18,6 +18,7 @@ __all__ = [
     "SHORT",
     "STUDY_PRESETS",
     "RunSpec",
+    "SceneStudy",
     "StudyPreset",
     "Variant",
     "legacy_name",
@@ -218,3 +219,26 @@ def tier(spec: RunSpec) -> int:
     if spec.schedule == LONG:
         return 2
     return 0 if spec.schedule == MAIN and spec.variant in (BASE, ACNET) else 1
+
+
+@dataclass(frozen=True)
+class SceneStudy:
+    """Settings shared by the dense studies on synthetic scenes (segmentation, detection);
+    each subclass sets its own defaults and adds its fields. Every field but ``seeds`` lands in
+    each run's config.json."""
+
+    dataset: str = "fashion-mnist"
+    scene_size: int = 64
+    max_items: int = 3
+    train_scenes: int = 6000
+    test_scenes: int = 1000
+    scene_seed: int = 0
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 0.05
+
+    def config(self, variant: str, seed: int) -> dict[str, Any]:
+        """One run's settings: the study's fields, the variant and the seed."""
+        cfg = asdict(self)
+        cfg.pop("seeds", None)
+        return {**cfg, "variant": variant, "seed": seed}
