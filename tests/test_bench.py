@@ -17,11 +17,12 @@ def test_bench_compiled_and_online_variants_at_two_batches(monkeypatch):
                     conversion=False, compile=True)
     assert [r["batch"] for r in res["training"]] == [4, 8]
     tr = res["training"][0]
-    assert set(tr["ratio"]) == {"base", "acb", "acb_no_branch_bn", "acb_online",
-                                "straightforward_acb", "base_compiled", "acb_compiled",
-                                "acb_online_compiled"}
+    assert set(tr["ratio"]) == {"base", "acb", "acb_no_branch_bn", "acb_online", "acb_sub4",
+                                "acb_sub8", "straightforward_acb", "base_compiled",
+                                "acb_compiled", "acb_online_compiled", "acb_sub4_compiled"}
     assert tr["ratio"]["base"] == 1.0 and all(v > 0 for v in tr["ms"].values())
-    assert set(tr["compile_s"]) == {"base_compiled", "acb_compiled", "acb_online_compiled"}
+    assert set(tr["compile_s"]) == {"base_compiled", "acb_compiled", "acb_online_compiled",
+                                    "acb_sub4_compiled"}
     assert len(tr["load_avg"]) == 2
     assert [r["batch"] for r in res["inference"]] == [1, 4, 8]
     inf = res["inference"][0]

@@ -198,7 +198,7 @@ def test_report_only_refuses_another_studys_directory_and_a_run_directory(tmp_pa
 def test_empty_study_reports_say_nothing_is_finished(tmp_path, capsys):
     from acnet.cli import main
 
-    for preset in ("finetune", "dense"):
+    for preset in ("finetune", "dense", "cheap"):
         out = tmp_path / preset
         assert main(["reproduce", "--preset", preset, "--out", str(out), "--report-only"]) == 0
         text = (out / "report.md").read_text()

@@ -70,8 +70,11 @@ TRAINING_VARIANTS: dict[str, dict[str, Any] | None] = {
     "acb": {},
     "acb_no_branch_bn": {"branch_bn": False},
     "acb_online": {"branch_bn": False, "branch_scale": True},
+    "acb_sub4": {"sub_batch": 0.25},
+    "acb_sub8": {"sub_batch": 0.125},
 }
-COMPILED_VARIANTS = ("base", "acb", "acb_online")  # also timed under torch.compile with compile
+# also timed under torch.compile with compile
+COMPILED_VARIANTS = ("base", "acb", "acb_online", "acb_sub4")
 
 
 def _training_models(model_name: str, compile: bool, in_channels: int = 3
@@ -235,26 +238,30 @@ def _training_table(res: dict[str, Any]) -> list[str]:
              "NHWC" if r.get("channels_last") else "NCHW",  # results before the field: NCHW
              f"{r['ms']['base']:.1f}", *(f"{r['ratio'].get(k, float('nan')):.2f}x" for k in
                                         ("acb", "acb_no_branch_bn", "acb_online",
-                                         "straightforward_acb")), _load_cell(r)]
+                                         "acb_sub4", "acb_sub8", "straightforward_acb")),
+             _load_cell(r)]
             for r in res["training"]]
     return ["Training step (forward + backward + SGD), ratio to the conv-BN baseline:", "",
             *markdown_table(["device", "model", "batch", "memory", "base ms", "ACB",
-                             "ACB no branch BN", "online ACB", "straightforward ACB", "load"],
-                            rows)]
+                             "ACB no branch BN", "online ACB", "sub-batch 1/4", "sub-batch 1/8",
+                             "straightforward ACB", "load"], rows)]
 
 
 def _compiled_table(res: dict[str, Any]) -> list[str]:
     """torch.compile'd training steps: ratio to the eager baseline, and compile seconds."""
     rows = [[r["device"], r["model"], r["batch"],
-             *(f"{r['ratio'][f'{k}_compiled']:.2f}x" for k in COMPILED_VARIANTS),
-             " / ".join(f"{r['compile_s'][f'{k}_compiled']:.0f}" for k in COMPILED_VARIANTS),
+             *(f"{r['ratio'].get(f'{k}_compiled', float('nan')):.2f}x"
+               for k in COMPILED_VARIANTS),
+             " / ".join(f"{r['compile_s'].get(f'{k}_compiled', float('nan')):.0f}"
+                        for k in COMPILED_VARIANTS),
              _load_cell(r)] for r in res["training"] if "compile_s" in r]
     if not rows:
         return []
     return ["", "Training step under torch.compile, ratio to the EAGER conv-BN baseline "
                 "(compile: seconds of the first step):", "",
             *markdown_table(["device", "model", "batch", "base", "ACB", "online ACB",
-                             "compile s base / ACB / online", "load"], rows)]
+                             "sub-batch 1/4", "compile s base / ACB / online / sub-batch 1/4",
+                             "load"], rows)]
 
 
 def _inference_table(res: dict[str, Any]) -> list[str]:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import norms
+from ._sub_batch import sub_batch_forward
 from .alignment import branch_conv, input_pads
 from .errors import InputError, InputTypeError
 from .fusion import branch_offsets, merge_kernels, tap_indices
@@ -87,10 +88,15 @@ class ACBlock(nn.Module):
     with ``branch_scale=True`` each branch kernel is first multiplied by a learnable
     per-output-channel scale (``square_scale``, ``hor_scale``, ``ver_scale``, initialised to
     ``gamma_init`` or 1; ``bn`` keeps weight 1): the "online" ACB, one conv per training step.
-    ``fast_eval`` (default True): whenever every norm of the block uses running statistics (eval
-    mode, or frozen norms in training), fold them into one kernel on every call (a few small
-    ops, nothing cached, so it always reflects the current weights, however they were changed)
-    and run one conv; False runs the branches one by one. Each norm follows its own mode.
+    ``sub_batch`` (branch BNs only): in training, the branch BatchNorms take their statistics
+    (and their gradient) from the first ``sub_batch`` images of the batch, or that fraction of
+    it, and the block runs one conv over the whole batch with the kernel and bias those
+    statistics give: the ACB at a fraction of its training cost (exactly the ACB when it covers
+    the batch). ``fast_eval`` (default True): whenever every norm of the block uses running
+    statistics (eval mode, or frozen norms in training), fold them into one kernel on every
+    call (a few small ops, nothing cached, so it always reflects the current weights, however
+    they were changed) and run one conv; False runs the branches one by one. Each norm follows
+    its own mode.
     """
 
     __jit_unused_properties__: ClassVar[list[str]] = ["is_fused"]
@@ -125,6 +131,7 @@ class ACBlock(nn.Module):
         affine: bool = True,
         position: str = "center",
         gamma_init: float | None = None,
+        sub_batch: int | float | None = None,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         fast_eval: bool = True,
@@ -134,7 +141,8 @@ class ACBlock(nn.Module):
         super().__init__()
         opts = ACBOptions(horizontal=horizontal, vertical=vertical, branch_bn=branch_bn,
                           branch_scale=branch_scale, affine=affine, position=position,
-                          gamma_init=gamma_init, eps=eps, momentum=momentum)
+                          gamma_init=gamma_init, sub_batch=sub_batch, eps=eps,
+                          momentum=momentum)
         if not isinstance(fast_eval, bool):
             raise InputTypeError(f"fast_eval must be a bool, got {fast_eval!r}")
         d = _check_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation,
@@ -152,6 +160,7 @@ class ACBlock(nn.Module):
         self.horizontal, self.vertical = horizontal, vertical
         self.branch_bn, self.branch_scale, self.position = branch_bn, branch_scale, position
         self.offsets = branch_offsets(d, position)
+        self.sub_batch = sub_batch
         self.fast_eval = fast_eval
         # set by acnet.convert, read by acnet.deploy: the id of the BatchNorm slot convert
         # emptied for this block (None: no BN absorbed), and whether the replaced conv had a bias
@@ -293,14 +302,23 @@ class ACBlock(nn.Module):
                 return self._conv(x, fused[0], 0, 0, fused[1])
         if hasattr(self, "bn"):
             return self.bn(self._conv(x, self.merged_kernel(), 0, 0, None))
-        else:
-            return self._branch_sum(x)
+        if not torch.jit.is_scripting():
+            out = self._sub_batch(x)
+            if out is not None:
+                return out
+        return self._branch_sum(x)
+
+    @torch.jit.unused
+    def _sub_batch(self, x: Tensor) -> Tensor | None:
+        """Training with branch statistics from a sub-batch (``sub_batch``), else None."""
+        return sub_batch_forward(self, x)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickle, also blocks pickled by earlier versions (no scales or taps; a kernel cache)."""
         state.pop("_fused_cache", None)
         super().__setstate__(state)
         self.__dict__.setdefault("branch_scale", False)
+        self.__dict__.setdefault("sub_batch", None)
         if "fused_conv" not in self._modules:
             self.__dict__.setdefault("fused_conv", None)
             if "_taps" not in self._buffers:
@@ -377,5 +395,7 @@ def _describe(block: ACBlock) -> str:
               f"branch_bn={block.branch_bn}, position={block.position!r}")
         if block.branch_scale:
             s += ", branch_scale=True"
+        if block.sub_batch is not None:
+            s += f", sub_batch={block.sub_batch!r}"
         s += f", fast_eval={block.fast_eval}"
     return s

@@ -111,8 +111,24 @@ def add_train(p: argparse.ArgumentParser) -> None:
         elif field.default is False:
             g.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_true",
                            help=text)
+        elif name == "sub_batch":
+            g.add_argument("--sub-batch", type=_sub_batch_arg, metavar="N|F",
+                           help=f"{text} ({_default(name)})")
         else:
             g.add_argument(f"--{name.replace('_', '-')}", help=f"{text} ({_default(name)})")
+
+
+def _sub_batch_arg(s: str) -> int | float:
+    """argparse type of --sub-batch: a number of images (32) or a fraction of the batch (0.25)."""
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of images (e.g. 32) or a fraction "
+                                         f"of the batch (e.g. 0.25), got {s!r}") from None
 
 
 def _class_list(s: str) -> list[int]:

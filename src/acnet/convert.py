@@ -218,6 +218,7 @@ def _new_block(conv: nn.Conv2d, bn: Norm | None, preserve: bool, branch_init: st
     if frozen:
         kw.update(branch_bn=False, branch_scale=True)
         kw.pop("affine", None)
+        kw.pop("sub_batch", None)  # the online form has no branch statistics
     elif bn is not None:
         kw.setdefault("eps", bn.eps)
         kw.setdefault("momentum", bn.momentum)

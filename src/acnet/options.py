@@ -16,6 +16,7 @@ __all__ = [
     "TRAIN_OPTIONS",
     "ACBOptions",
     "check_convert_options",
+    "check_sub_batch",
 ]
 
 # how the new branches of convert(preserve=True) start: "zero" (they add nothing: the official
@@ -28,6 +29,21 @@ def _help(text: str, without: str | None = None) -> dict[str, str]:
     """Field metadata: what the option does, and (for a flag on by default) what turning it off
     does, for the CLI's --no- flag."""
     return {"help": text, "without": without or f"without {text}"}
+
+
+def check_sub_batch(value: Any) -> None:
+    """``value`` is None, an int >= 1 (images) or a float in (0, 1] (a fraction of the batch)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputTypeError(f"sub_batch must be None, a number of images (int >= 1) or a "
+                             f"fraction of the batch (float in (0, 1]), got {value!r}",
+                             params=("sub_batch",))
+    if isinstance(value, int) and value < 1:
+        raise InputError(f"sub_batch must be >= 1 images, got {value}", params=("sub_batch",))
+    if isinstance(value, float) and not (0 < value <= 1 and math.isfinite(value)):
+        raise InputError(f"a fractional sub_batch must be in (0, 1], got {value}",
+                         params=("sub_batch",))
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,10 @@ class ACBOptions:
         "where the 1xd / dx1 kernels sit: 'center' (the skeleton) or 'corner'"))
     gamma_init: float | None = field(default=None, metadata=_help(
         "initial BN scale of every branch (or of the branch scales); None: 1"))
+    sub_batch: int | float | None = field(default=None, metadata=_help(
+        "sub-batch ACB: the branch BatchNorms take their statistics from the first N images of "
+        "each batch (an int), or from that fraction of it (a float in (0, 1]), and the block "
+        "runs one conv over the batch; None: every image (the ACB)"))
     affine: bool = field(default=True, metadata=_help("affine parameters in the BatchNorms"))
     eps: float = field(default=1e-5, metadata=_help("BatchNorm eps"))
     momentum: float | None = field(default=0.1, metadata=_help("BatchNorm momentum"))
@@ -60,6 +80,11 @@ class ACBOptions:
         if self.branch_scale and self.branch_bn:
             raise InputError("branch_scale=True needs branch_bn=False (the scales replace the "
                              "branch BatchNorms), got branch_bn=True")
+        check_sub_batch(self.sub_batch)
+        if self.sub_batch is not None and not self.branch_bn:
+            raise InputError(f"sub_batch={self.sub_batch!r} sets where the branch BatchNorms "
+                             f"take their statistics: it needs branch_bn=True",
+                             params=("sub_batch", "branch_bn"))
         g = self.gamma_init
         if g is not None:
             if isinstance(g, bool) or not isinstance(g, (int, float)):
@@ -90,7 +115,8 @@ class ACBOptions:
 
 # what convert(preserve=True) may set: the weights come from the model, so the BN settings
 # (gamma_init, affine, eps, momentum) are the absorbed BN's own
-PRESERVE_OPTIONS = ("horizontal", "vertical", "branch_bn", "branch_scale", "position")
+PRESERVE_OPTIONS = ("horizontal", "vertical", "branch_bn", "branch_scale", "position",
+                    "sub_batch")
 FRESH_OPTIONS = ACBOptions.names()
 # the options a training run sets (TrainConfig fields of the same names; the CLI's ablation)
 TRAIN_OPTIONS = (*PRESERVE_OPTIONS, "gamma_init")

@@ -21,7 +21,7 @@ from ..io import save_json
 from ..runs import load_deployed_model, run_test_split
 from ..train import RunDir, TrainConfig, build_base_model
 from ..train.config import resolve, settings_diff
-from . import dense, finetune
+from . import cheap, dense, finetune
 from .presets import (
     ABLATION,
     ACNET,
@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 # studies with their own run matrix and report (the module has run() and summary())
-OTHER_STUDIES = {"finetune": finetune, "dense": dense}
+OTHER_STUDIES = {"finetune": finetune, "dense": dense, "cheap": cheap}
 PRESET_NAMES = (*STUDY_PRESETS, *OTHER_STUDIES)
 
 COST_BENCH = "cost_bench.json"  # the training-step benchmark of each model, in the study dir

@@ -14,7 +14,7 @@ from torch import nn
 from ..convert import convert
 from ..errors import InputError
 from ..models import build_model, check_model_name
-from ..options import BRANCH_INITS, PRESERVE_OPTIONS, TRAIN_OPTIONS, ACBOptions
+from ..options import BRANCH_INITS, PRESERVE_OPTIONS, TRAIN_OPTIONS, ACBOptions, check_sub_batch
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,8 @@ class TrainConfig:
     branch_scale: bool = False
     position: str = "center"
     gamma_init: float | None = None
+    # branch BN statistics from the first N images of each batch (int) or that fraction (float)
+    sub_batch: int | float | None = None
     sync_bn: bool = False
     data_dir: str | None = None
     download: bool = False
@@ -164,6 +166,17 @@ def _check_choices(cfg: TrainConfig) -> None:
     if cfg.branch_scale and (cfg.branch_bn or cfg.block != "acb"):
         raise InputError("branch_scale (online ACB) needs block='acb' and branch_bn=False",
                          params=("branch_scale", "block", "branch_bn"))
+    if cfg.sub_batch is not None:
+        check_sub_batch(cfg.sub_batch)
+        if not cfg.branch_bn:
+            raise InputError(f"sub_batch={cfg.sub_batch!r} sets where the branch BatchNorms take "
+                             f"their statistics: it needs branch_bn=True",
+                             params=("sub_batch", "branch_bn"))
+        if cfg.sync_bn:
+            raise InputError("sub_batch statistics are each process's own; with sync_bn the "
+                             "branch norms would take statistics over every image of every "
+                             "process instead (the full ACB), so the two do not combine",
+                             params=("sub_batch", "sync_bn"))
     if cfg.block == "base":
         defaults = ACBOptions()
         changed = [n for n in PRESERVE_OPTIONS if getattr(cfg, n) != getattr(defaults, n)]
