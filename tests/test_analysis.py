@@ -172,8 +172,8 @@ def test_bench_runs_and_reports_ratios(tmp_path):
 
     res = run_bench(models=("cifar_quick",), repeats=1, warmup=0, batch=8, conversion=True)
     tr = res["training"][0]
-    assert set(tr["ratio"]) == {"base", "acb", "acb_no_branch_bn", "acb_online",
-                                "straightforward_acb"}
+    assert set(tr["ratio"]) == {"base", "acb", "acb_no_branch_bn", "acb_online", "acb_sub4",
+                                "acb_sub8", "straightforward_acb"}
     assert tr["ratio"]["base"] == 1.0 and all(v > 0 for v in tr["ms"].values())
     assert {r["batch"] for r in res["inference"]} == {1, 8}
     table = format_table(res)

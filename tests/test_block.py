@@ -376,3 +376,23 @@ def test_axis_plan_exhaustive():
                                 torch.testing.assert_close(got[0, 0], ref, rtol=0, atol=1e-12)
                                 checked += 1
     assert checked > 5000
+
+
+def test_torchscript_twins_follow_the_branch_table():
+    """TorchScript cannot loop over attribute names, so ``_kernels`` and ``_branch_sum`` spell
+    the branches out: they must name every branch of the table, and agree with branches()."""
+    import inspect
+
+    from acnet.block import BRANCHES
+
+    for method in (ACBlock._kernels, ACBlock._branch_sum):
+        src = inspect.getsource(method)
+        for kind in BRANCHES:
+            assert f"{kind.name}_" in src, (method.__name__, kind.name)
+    for opts in ({}, {"horizontal": False}, {"vertical": False}, {"branch_bn": False},
+                 {"branch_bn": False, "branch_scale": True, "position": "corner"}):
+        block = ACBlock(3, 4, 3, padding=1, **opts)
+        assert [k.data_ptr() for k in block._kernels()] == [
+            b.conv.weight.data_ptr() for b in block.branches()]
+        assert [b.name for b in block.branches()] == [
+            k.name for k in BRANCHES if k.option is None or opts.get(k.option, True)]

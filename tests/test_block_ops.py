@@ -305,7 +305,7 @@ def test_shape_generic_branch_conv_matches_the_planned_one(geom, seed):
         padded, pads = F.pad(x, (left, right, top, bottom), mode=block.padding_mode), (0,) * 4
     for branch in block.branches():
         w = branch.conv.weight.double()
-        planned = block._conv(x, w, branch.row, branch.col, None)
+        planned = block.branch_output(x, w, branch.row, branch.col)
         generic = embedded_conv(padded, w, None, branch.row, branch.col, block.kernel_size[0],
                                 block.stride, block.dilation, block.groups, pads)
         assert generic.shape == planned.shape
@@ -383,7 +383,7 @@ def test_fast_eval_is_a_keyword_option_shown_in_repr():
 
 def test_convert_attributes_are_declared_with_defaults():
     block = ACBlock(2, 3, 3)
-    assert block.acnet_pair_id is None and block.acnet_conv_bias is True
+    assert block.origin() == acnet.block.Origin(conv_bias=True, slot=None)
 
 
 @pytest.mark.parametrize("bias", [True, False])

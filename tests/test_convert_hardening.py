@@ -237,8 +237,8 @@ def test_reconverting_a_pickled_and_extended_model():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert rel_err(acnet.deploy(again)(x), again(x)) <= TOL
-    ids = [m.acnet_pair_id for m in again.modules() if isinstance(m, ACBlock)]
-    assert len(set(ids)) == len(ids)
+    slots = [id(m.origin().slot) for m in again.modules() if isinstance(m, ACBlock)]
+    assert len(set(slots)) == len(slots)
     pickle.loads(pickle.dumps(again))  # still picklable
 
 
@@ -343,3 +343,58 @@ def test_batchnorm_with_user_hooks_is_not_absorbed():
     assert "forward hooks" in out.acnet_report.skipped["conv"]
     out(torch.randn(1, 3, 5, 5))
     assert seen == [torch.Size([1, 8, 5, 5])]  # the user's hook still runs
+
+
+def test_deploy_restores_the_norm_of_a_block_pickled_by_acnet_0_3():
+    """0.3 linked a block to its norm's slot by a pair id (and a bias flag); such pickles
+    still deploy to the stock model."""
+    torch.manual_seed(0)
+    unit = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, bias=True), nn.BatchNorm2d(3), nn.ReLU())
+    cu = acnet.convert(randomize_bn(unit))
+    block, slot = cu[0], cu[1]
+    state = block.__dict__
+    del state["_origin"]
+    state["acnet_pair_id"], state["acnet_conv_bias"] = slot.pair_id, True
+    old = pickle.loads(pickle.dumps(cu)).eval()
+    assert old[0].origin().legacy_pair == slot.pair_id and old[0].origin().slot is None
+    dep = acnet.deploy(old).eval()
+    assert isinstance(dep[1], nn.BatchNorm2d) and dep[0].bias is not None
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert rel_err(dep(x), old(x)) <= TOL
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_unmaterialised_lazy_modules_say_to_run_the_model_first(inplace):
+    model = nn.Sequential(nn.LazyConv2d(4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match=r"lazy modules have not run yet \(0\).*run the model "
+                                         r"once on an input, then convert it"):
+        acnet.convert(model, inplace=inplace)
+    model(torch.randn(1, 3, 8, 8))  # materialised: a plain Conv2d now
+    assert acnet.convert(model, inplace=inplace).acnet_report.converted == ["0"]
+
+
+def test_deploy_finds_the_norm_of_a_block_copied_apart_from_its_slot():
+    """A model assembled from deep copies of a converted model's parts: the block's link points
+    to a copy outside the tree, so deploy falls back to the slot with the block's pair id."""
+    torch.manual_seed(0)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False))
+            self.norm = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.norm(self.body(x))
+
+    m = acnet.convert(randomize_bn(M()))
+    m2 = M()
+    m2.body, m2.norm = copy.deepcopy(m.body), copy.deepcopy(m.norm)
+    m2.eval()
+    dep = acnet.deploy(m2).eval()
+    assert isinstance(dep.norm, nn.BatchNorm2d) and not dep.acnet_report.notes
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert rel_err(dep(x), m2(x)) <= TOL
+    M().load_state_dict(dep.state_dict())

@@ -333,10 +333,11 @@ def test_densenet_deploys_to_the_stock_class():
 
 def test_scene_runs_refuse_other_settings_and_resume_after_the_last_checkpoint(tmp_path):
     from acnet.errors import InputError
-    from acnet.experiments.scene_run import end_epoch, open_run, resume
+    from acnet.experiments.presets import open_scene_run
 
     cfg = {"seed": 0, "lr": 0.1, "device": "cpu", "data_dir": "a"}
-    out, saved = open_run(cfg, tmp_path / "run")
+    run, saved = open_scene_run(cfg, tmp_path / "run")
+    out = run.path
     assert "device" not in saved
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
@@ -345,16 +346,16 @@ def test_scene_runs_refuse_other_settings_and_resume_after_the_last_checkpoint(t
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
     sched.step()
-    end_epoch(out, {"epoch": 1, "seconds": 2.0}, model, opt, sched)
+    run.end_epoch({"epoch": 1, "seconds": 2.0}, model, opt, sched)
     with open(out / "metrics.jsonl", "a") as f:  # a line written, then killed before its checkpoint
         f.write('{"epoch": 2, "seconds": 3.0}\n')
-    open_run({**cfg, "data_dir": "b"}, out)  # the data may move
+    open_scene_run({**cfg, "data_dir": "b"}, out)  # the data may move
     with pytest.raises(InputError, match="other settings \\(lr\\)"):
-        open_run({**cfg, "lr": 0.2}, out)
+        open_scene_run({**cfg, "lr": 0.2}, out)
     fresh = nn.Linear(3, 2)
     opt2 = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
     sched2 = torch.optim.lr_scheduler.StepLR(opt2, 1)
-    assert resume(out, fresh, opt2, sched2) == (1, 2.0)
+    assert run.resume_loop(fresh, opt2, sched2) == (1, 2.0)
     assert torch.equal(fresh.weight, model.weight)
     assert sched2.last_epoch == 1 and opt2.state_dict()["state"]
     assert (out / "metrics.jsonl").read_text().count("\n") == 1

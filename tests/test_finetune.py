@@ -199,4 +199,4 @@ def test_a_kept_head_of_other_classes_is_said(tmp_path, capsys, caplog):
     train(capsys, src, "--block", "base", "--classes", "5,6,7")
     with caplog.at_level("WARNING"):
         train(capsys, tmp_path / "ft", "--init-from", src, "--classes", "0,1,2")
-    assert "pass --new-head" in caplog.text
+    assert "new_head=True re-initialises it" in caplog.text

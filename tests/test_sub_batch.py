@@ -51,7 +51,7 @@ def _definition(block: ACBlock, x: torch.Tensor, m: int) -> torch.Tensor:
     (each branch run alone at the square conv's output size)."""
     out = 0
     for b in block.branches():
-        z = block._conv(x, b.conv.weight, b.row, b.col, None)
+        z = block.branch_output(x, b.conv.weight, b.row, b.col)
         var, mean = torch.var_mean(z[:m], dim=(0, 2, 3), unbiased=False)
         y = (z - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + b.norm.eps)
         if b.norm.affine:
@@ -79,7 +79,7 @@ def test_sub_batch_is_its_definition_forward_backward_and_running_stats(geometry
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-10, msg=name)
     # running statistics: what a BatchNorm2d computes on each branch's sub-batch output
     for n_blk, b, (mean0, var0) in zip(blk.batch_norms(), ref.branches(), stats0, strict=True):
-        z = ref._conv(x_ref.detach()[:m], b.conv.weight.detach(), b.row, b.col, None)
+        z = ref.branch_output(x_ref.detach()[:m], b.conv.weight.detach(), b.row, b.col)
         rm, rv = mean0.clone(), var0.clone()
         F.batch_norm(z, rm, rv, training=True, momentum=b.norm.momentum, eps=b.norm.eps)
         torch.testing.assert_close(n_blk.running_mean, rm, rtol=1e-12, atol=1e-12)

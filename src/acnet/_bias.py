@@ -20,7 +20,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._pairing import _ancestors, _in_mode, _trace
+from ._fx import ancestors, in_mode, trace
 from ._surgery import ConversionReport
 from .norms import is_frozen_norm, is_norm, uses_batch_stats
 
@@ -210,10 +210,10 @@ def _prove(model: nn.Module, name: str, bias: Tensor, graphs: dict[str, Any]
     """{norm name: constant} for conv ``name``, from the nearest graph that holds every path
     (``graphs``: traced graphs by module name, filled as needed)."""
     reason = "torch.fx could not trace the model around it"
-    for anc in [*_ancestors(name), ""]:  # the nearest graph first, the model's last
+    for anc in [*ancestors(name), ""]:  # the nearest graph first, the model's last
         root = model.get_submodule(anc) if anc else model
         if anc not in graphs:
-            graphs[anc] = _trace(root)
+            graphs[anc] = trace(root)
         graph = graphs[anc]
         if isinstance(graph, str):
             continue
@@ -235,7 +235,7 @@ def carry_biases(model: nn.Module, names: list[str], report: ConversionReport) -
     leave it (``bias-added``, with the reason)."""
     modules = dict(model.named_modules())
     graphs: dict[str, Any] = {}
-    with _in_mode(model, [False] * len(list(model.modules()))):
+    with in_mode(model, [False] * len(list(model.modules()))):
         for name in names:
             conv = modules[name]
             bias = conv.bias.detach().double()

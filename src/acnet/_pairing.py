@@ -11,148 +11,29 @@ cannot be proven is reported as a skip, never guessed.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
 import torch.fx
 from torch import nn
 
-from ._text import first_line
-from .block import ACBlock
+from ._fx import ancestors, in_mode, modes_of, trace
+from ._probe import probe_all_modes
+from ._uses import PROBED, ConvUse, Pairing, agree
 from .norms import bn_skip_reason, is_norm
 
 log = logging.getLogger(__name__)
 
 __all__ = ["PROBED", "ConvUse", "Pairing", "find_pairs"]
 
-PROBED = "the given inputs"  # ConvUse.how of a pairing proven by a probe run on example_inputs
 _UNTRACED = ("torch.fx could not trace the code that reads its output, so its BatchNorm cannot "
              "be proven; pass example_inputs= to convert() to prove it on inputs you choose")
 
 
-@dataclass
-class ConvUse:
-    """How one conv module is used: the BN it alone feeds (if any), or why to leave it alone."""
-
-    bn: str | None = None
-    skip: str | None = None
-    how: str = "graph"  # "graph", "graph of SUBMODULE" or PROBED
-
-
-@dataclass
-class Pairing:
-    """The result of ``find_pairs``: one ``ConvUse`` per conv, and notes for the report."""
-
-    uses: dict[str, ConvUse] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-
-class _Tracer(torch.fx.Tracer):
-    """Traces through user modules, except norms, ACBlocks and modules with forward hooks: a
-    hooked module stays one call, so a conv inside it whose output its hooks may read is never
-    paired from outside (its own graph, traced separately, pairs what stays inside)."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        hooked = bool(m._forward_hooks or m._forward_pre_hooks) and bool(qualname)
-        return (isinstance(m, ACBlock) or is_norm(m) or hooked
-                or super().is_leaf_module(m, qualname))
-
-
-def _has_proxy(value: Any, depth: int = 0) -> bool:
-    """True if ``value`` is an fx Proxy or a container holding one (a traced value stored)."""
-    if isinstance(value, torch.fx.Proxy):
-        return True
-    if depth > 3:
-        return False
-    if isinstance(value, dict):
-        return any(_has_proxy(v, depth + 1) for v in value.values())
-    if isinstance(value, (list, tuple, set)):
-        return any(_has_proxy(v, depth + 1) for v in value)
-    return False
-
-
-def _snapshot(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]:
-    """Each module's attributes, with shallow copies of its containers, to undo tracing."""
-    out = []
-    for m in module.modules():
-        attrs = dict(m.__dict__)
-        copies = {k: copy.copy(v) for k, v in attrs.items() if isinstance(v, (list, dict, set))}
-        out.append((m, attrs, copies))
-    return out
-
-
-def _restore(saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]) -> bool:
-    """Undo what forward stored while tracing; True if it stored a traced value somewhere."""
-    leaked = False
-    for m, before, copies in saved:
-        for k in list(m.__dict__):
-            v = m.__dict__[k]
-            if not _has_proxy(v):
-                continue
-            leaked = True
-            if k not in before:
-                del m.__dict__[k]
-            elif k in copies and before[k] is v:  # a container mutated in place
-                old = copies[k]
-                if isinstance(v, list):
-                    v[:] = old
-                else:
-                    v.clear()
-                    v.update(old)
-            else:
-                m.__dict__[k] = before[k]
-    return leaked
-
-
-# ------------------------------------------------------------------------ modes
-def _modes(model: nn.Module) -> list[tuple[str, list[bool]]]:
-    """(label, training flag per module) of every mode to prove pairings in."""
-    mods = list(model.modules())
-    now = [m.training for m in mods]
-    out = [("training mode", [True] * len(mods)), ("eval mode", [False] * len(mods))]
-    if any(now) and not all(now):
-        out.append(("the model's current mix of modes", now))
-    return out
-
-
-@contextlib.contextmanager
-def _in_mode(model: nn.Module, flags: list[bool]) -> Iterator[None]:
-    """Set each module's ``training`` flag; restore them afterwards."""
-    mods = list(model.modules())
-    before = [m.training for m in mods]
-    try:
-        for m, f in zip(mods, flags, strict=True):
-            m.training = f
-        yield
-    finally:
-        for m, f in zip(mods, before, strict=True):
-            m.training = f
-
-
 # ------------------------------------------------------------------------ graphs
-def _trace(module: nn.Module) -> torch.fx.Graph | str:
-    """The module's fx graph, or a one-line reason why it cannot be trusted or traced.
-
-    Attributes that forward stores on modules while tracing are put back; a traced value
-    stored that way would escape the graph, so such a graph is not trusted.
-    """
-    saved = _snapshot(module)
-    graph: torch.fx.Graph | str
-    try:
-        graph = _Tracer().trace(module)
-    except Exception as exc:  # any tracing failure means: prove pairings another way
-        graph = first_line(exc, 200)
-    if _restore(saved) and not isinstance(graph, str):
-        return "forward stores a traced value on a module (an attribute, list or dict)"
-    return graph
-
-
 def _graph_uses(graph: torch.fx.Graph, root: nn.Module, prefix: str, names: set[str],
                 how: str, closed: bool) -> dict[str, ConvUse]:
     """Analyze the convs of ``names`` called in the fx ``graph`` of ``root`` (named ``prefix``).
@@ -218,25 +99,17 @@ def _single_user(user: torch.fx.Node, conv: nn.Module, modules: dict[str, nn.Mod
                     f"absorb")
 
 
-def _ancestors(name: str) -> Iterator[str]:
-    """Dotted names of the modules above ``name``, nearest first, the root ("") excluded."""
-    parts = name.split(".")[:-1]
-    while parts:
-        yield ".".join(parts)
-        parts.pop()
-
-
 def _graph_pairs(model: nn.Module, names: set[str]) -> tuple[dict[str, ConvUse], str | None]:
     """Pairings provable from graphs in the model's current mode; why the root did not trace."""
-    graph = _trace(model)
+    graph = trace(model)
     if not isinstance(graph, str):
         return _graph_uses(graph, model, "", names, "graph", closed=True), None
     uses: dict[str, ConvUse] = {}
     graphs: dict[str, torch.fx.Graph | str] = {}
     for name in sorted(names):
-        for anc in _ancestors(name):
+        for anc in ancestors(name):
             if anc not in graphs:
-                graphs[anc] = _trace(model.get_submodule(anc))
+                graphs[anc] = trace(model.get_submodule(anc))
             sub = graphs[anc]
             if isinstance(sub, str):
                 continue
@@ -248,21 +121,6 @@ def _graph_pairs(model: nn.Module, names: set[str]) -> tuple[dict[str, ConvUse],
     return uses, graph
 
 
-def _agree(name: str, per_mode: list[tuple[str, ConvUse]]) -> ConvUse:
-    """One ConvUse from those of every mode: a pair only if every mode shows the same one."""
-    for label, use in per_mode:
-        if use.skip:
-            return ConvUse(skip=f"{use.skip} (in {label})" if len(per_mode) > 1 else use.skip,
-                           how=use.how)
-    bns = {use.bn for _, use in per_mode}
-    if len(bns) > 1:
-        seen = ", ".join(f"{use.bn or 'no BatchNorm'} in {label}" for label, use in per_mode)
-        return ConvUse(skip=f"its output goes to different layers by mode ({seen})",
-                       how=per_mode[0][1].how)
-    hows = list(dict.fromkeys(use.how for _, use in per_mode))
-    return ConvUse(bn=bns.pop(), how=" and ".join(hows))
-
-
 def find_pairs(model: nn.Module, names: set[str], example_inputs: Any = None) -> Pairing:
     """For each conv named in ``names``: the BN it alone feeds, or a proven reason to skip it."""
     out = Pairing()
@@ -272,11 +130,11 @@ def find_pairs(model: nn.Module, names: set[str], example_inputs: Any = None) ->
             out.uses[name] = ConvUse(skip="global module forward hooks are registered (they may "
                                           "read any conv's output)")
         return out
-    modes = _modes(model)
+    modes = modes_of(model)
     found: dict[str, list[tuple[str, ConvUse]]] = {n: [] for n in names}
     failed: str | None = None
     for label, flags in modes:
-        with _in_mode(model, flags):
+        with in_mode(model, flags):
             uses, why = _graph_pairs(model, names)
         failed = failed or why
         for name, use in uses.items():
@@ -291,14 +149,12 @@ def find_pairs(model: nn.Module, names: set[str], example_inputs: Any = None) ->
     rest = set()
     for name, per_mode in found.items():
         if len(per_mode) == len(modes):
-            out.uses[name] = _agree(name, per_mode)
+            out.uses[name] = agree(name, per_mode)
         else:
             rest.add(name)
     if rest and example_inputs is None:
         for name in rest:
             out.uses[name] = ConvUse(skip=_UNTRACED, how=PROBED)
     elif rest:
-        from ._probe import probe_all_modes  # probe runs build on this module's types
-
         probe_all_modes(model, rest, example_inputs, modes, out)
     return out

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._pairing import PROBED, ConvUse, Pairing, _agree, _in_mode
+from ._fx import in_mode
 from ._text import first_line
+from ._uses import PROBED, ConvUse, Pairing, agree
 from .errors import InputError
 from .norms import bn_skip_reason, is_norm
 
@@ -49,7 +50,7 @@ def _run(model: nn.Module, inputs: tuple, flags: list[bool],
                 handles.append(m.register_forward_pre_hook(pre))
             if post is not None:
                 handles.append(m.register_forward_hook(post))
-        with _in_mode(model, flags), torch.random.fork_rng(devices=devices), torch.no_grad():
+        with in_mode(model, flags), torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(0)
             out = model(*inputs)
     finally:
@@ -174,4 +175,4 @@ def probe_all_modes(model: nn.Module, names: set[str], example_inputs: Any,
                                           f"({first_line(error, 120)}), so its BatchNorm cannot "
                                           f"be proven in that mode", how=PROBED)
         else:
-            out.uses[name] = _agree(name, uses)
+            out.uses[name] = agree(name, uses)

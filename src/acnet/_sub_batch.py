@@ -20,21 +20,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .errors import InputError
-from .fusion import merge_kernels
 
 if TYPE_CHECKING:
     from .block import ACBlock
 
-__all__ = ["sub_batch_forward", "sub_batch_size"]
+__all__ = ["sub_batch_size", "sub_batch_weights"]
 
 
 def sub_batch_size(sub_batch: int | float, n: int) -> int:
     """M of a batch of ``n`` images: ``sub_batch`` images (at most n), or that fraction of n
-    (rounded, at least 1)."""
+    (rounded half up, at least 1)."""
     if isinstance(sub_batch, float):
-        return min(n, max(1, round(sub_batch * n)))
+        return min(n, max(1, int(sub_batch * n + 0.5)))
     return min(n, sub_batch)
 
 
@@ -45,9 +45,11 @@ def _applies(norms: list[Any]) -> bool:
                and n.running_mean is not None for n in norms)
 
 
-def sub_batch_forward(block: ACBlock, x: Tensor) -> Tensor | None:
-    """The block's training output with branch statistics from the first M images, or None when
-    the form does not apply (M covers the batch: the ACB itself; a norm not in training mode)."""
+def sub_batch_weights(block: ACBlock, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(input, kernel, bias) of the one conv computing the block's training output with branch
+    statistics from the first M images, or None when the form does not apply (M covers the
+    batch: the ACB itself; a norm not in training mode). Run the conv on the returned input: it
+    is ``x``, split so that the gradient of both uses is summed in one pass."""
     sub = block.sub_batch
     if sub is None or x.dim() != 4:
         return None
@@ -62,7 +64,7 @@ def sub_batch_forward(block: ACBlock, x: Tensor) -> Tensor | None:
         x, xs = _Split.apply(x, m)
     else:
         xs = x[:m]
-    zs = [block._conv(xs, b.conv.weight, b.row, b.col, None) for b in branches]
+    zs = [block.branch_output(xs, b.conv.weight, b.row, b.col) for b in branches]
     z = zs[0]
     count = z.shape[0] * z.shape[2] * z.shape[3]
     if count < 2:
@@ -81,26 +83,8 @@ def sub_batch_forward(block: ACBlock, x: Tensor) -> Tensor | None:
     scale = inv_std if gamma is None else gamma * inv_std
     shift = -mean * scale if beta is None else torch.addcmul(beta, mean, scale, value=-1)
     weight = branches[0].conv.weight
-    kernel = merge_kernels([b.conv.weight for b in branches], block._taps,
-                           list(scale.to(weight.dtype).unbind(0)))
-    return block._conv(x, kernel, 0, 0, shift.sum(0).to(weight.dtype))
-
-
-class _Head(torch.autograd.Function):
-    """``x[:m]``, whose gradient keeps ``x``'s memory format: a plain slice's backward builds a
-    zero NCHW gradient, which makes the channels_last gradient sum and the ReLU backward before
-    it several times slower."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, m: int) -> Tensor:
-        ctx.shape_like = x
-        return x[:m]
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        out = torch.zeros_like(ctx.shape_like)
-        out[: grad.shape[0]] = grad
-        return out, None
+    kernel = block.merge([b.conv.weight for b in branches], list(scale.to(weight.dtype).unbind(0)))
+    return x, kernel, shift.sum(0).to(weight.dtype)
 
 
 class _Split(torch.autograd.Function):
@@ -111,6 +95,7 @@ class _Split(torch.autograd.Function):
         return x.view_as(x), x[:m]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor, grad_head: Tensor) -> tuple[Tensor, None]:
         out = grad.clone(memory_format=torch.preserve_format)
         out[: grad_head.shape[0]] += grad_head
@@ -138,6 +123,7 @@ class _Moments(torch.autograd.Function):
         return torch.stack(means), torch.stack(variances)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_mean: Tensor, grad_var: Tensor) -> tuple[Tensor | None, ...]:
         grads: list[Tensor | None] = [None]
         for b, (zc, dtype) in enumerate(zip(ctx.saved_tensors, ctx.in_dtypes, strict=True)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from torch import nn
 
@@ -84,7 +84,8 @@ def report_of(model: nn.Module) -> ConversionReport:
 
 
 def unwrap(model: nn.Module, what: str) -> nn.Module:
-    """Refuse DDP/DataParallel; look through torch.compile (the result must be compiled again)."""
+    """Refuse DDP/DataParallel and unmaterialised lazy modules; look through torch.compile
+    (the result must be compiled again)."""
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         raise InputTypeError(
             f"{what}() got a {type(model).__name__}: call acnet.{what}(model) on the plain model "
@@ -97,6 +98,14 @@ def unwrap(model: nn.Module, what: str) -> nn.Module:
         return orig
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"{what}() needs a torch.nn.Module, got {type(model).__name__}")
+    lazy = [n or "(root)" for n, m in model.named_modules()
+            if isinstance(m, nn.modules.lazy.LazyModuleMixin)
+            and cast(Any, m).has_uninitialized_params()]
+    if lazy:
+        raise InputError(
+            f"{what}() got a model whose lazy modules have not run yet ({', '.join(lazy[:3])}"
+            f"{', ...' if len(lazy) > 3 else ''}): their parameters do not exist until the first "
+            f"forward pass; run the model once on an input, then {what} it")
     return model
 
 

@@ -19,13 +19,13 @@ from torch import nn
 
 from ._compat import eager_ceil_mode_avg_pools
 from ._env import load_average, machine
+from ._files import save_json
 from ._text import markdown_table
 from .analysis.cost import latency_ratio, time_interleaved
 from .block import ACBlock
 from .convert import convert
 from .deploy import deploy
 from .errors import InputError
-from .io import save_json
 from .models import build_model
 
 log = logging.getLogger(__name__)

@@ -145,7 +145,12 @@ def flag_of(param: str) -> str:
     field = ACB_FIELDS.get(param)
     off = field is not None and field.default is True
     off = off or param in ("augment", "amp", "channels_last")
+    if param in _FLAG_NAMES:
+        return _FLAG_NAMES[param]
     return f"--{'no-' if off else ''}{param.replace('_', '-')}"
+
+
+_FLAG_NAMES = {"onnx_path": "--onnx"}  # parameters whose flag is not their name
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:

@@ -10,10 +10,10 @@ from collections.abc import Callable
 from typing import Any, ClassVar, cast
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from . import fusion, norms
-from ._pairing import PROBED, ConvUse, Pairing, find_pairs
+from ._pairing import find_pairs
 from ._surgery import (
     ConversionReport,
     LayerReport,
@@ -26,6 +26,7 @@ from ._surgery import (
     set_submodule,
     unwrap,
 )
+from ._uses import PROBED, ConvUse, Pairing
 from .block import ACBlock
 from .errors import InputError, InputTypeError
 from .norms import Norm
@@ -50,8 +51,9 @@ class AbsorbedBatchNorm(nn.Module):
 
     It passes its input through, except for a norm+act layer (timm's BatchNormAct2d,
     FrozenBatchNormAct2d), whose drop and activation run here, under their original names,
-    while the normalization lives in the block. ``pair_id`` links it to its block (a random
-    token: unique across processes and copies).
+    while the normalization lives in the block. The block links to it (``ACBlock.origin()``);
+    ``pair_id`` is a random token naming the pair in reports (and linking blocks pickled by
+    acnet 0.3).
     """
 
     __jit_ignored_attributes__: ClassVar[list[str]] = ["_template"]
@@ -235,9 +237,13 @@ def _new_block(conv: nn.Conv2d, bn: Norm | None, preserve: bool, branch_init: st
         freeze_like(m, trainable, bn_training if name.endswith("bn") else conv.training)
     for p in block.parameters(recurse=False):  # branch scales
         p.requires_grad_(trainable)
-    block.acnet_conv_bias = conv.bias is not None
+    block.set_origin(conv_bias=conv.bias is not None, slot=None)
     if type(bn) is nn.SyncBatchNorm:  # the branches sync their statistics like the original
         nn.SyncBatchNorm.convert_sync_batchnorm(block, bn.process_group)
+        if block.sub_batch is not None:
+            warnings.warn("sub_batch has no effect on a block whose norms are SyncBatchNorm: "
+                          "they take their statistics over every image of every process (the "
+                          "full ACB)", stacklevel=4)
     if preserve:
         _preserve(conv, bn, block, branch_init)
     elif frozen:
@@ -254,22 +260,21 @@ def _preserve(conv: nn.Conv2d, bn: Norm | None, block: ACBlock, branch_init: str
             block.square_bn = main
         else:
             block.bn = main
-        new = [n for n in ("hor", "ver") if f"{n}_conv" in block._modules]
-        for n in new:
-            bn_n: Any = block._modules.get(f"{n}_bn")
-            conv_n: Any = block._modules[f"{n}_conv"]
+        new = block.branches()[1:]
+        for b in new:
+            norm: Any = b.norm  # the branch's BatchNorm, its scale, or None
             if branch_init == "zero" and block.branch_bn:
-                nn.init.zeros_(bn_n.weight)
-                nn.init.zeros_(bn_n.bias)
+                nn.init.zeros_(norm.weight)
+                nn.init.zeros_(norm.bias)
             elif branch_init == "zero":
-                nn.init.zeros_(conv_n.weight)
+                nn.init.zeros_(b.conv.weight)
             elif block.branch_bn:
-                nn.init.constant_(bn_n.weight, SMALL_INIT)
-                nn.init.zeros_(bn_n.bias)
+                nn.init.constant_(norm.weight, SMALL_INIT)
+                nn.init.zeros_(norm.bias)
             elif block.branch_scale:
-                nn.init.constant_(getattr(block, f"{n}_scale"), SMALL_INIT)
+                nn.init.constant_(norm, SMALL_INIT)
             else:
-                conv_n.weight.mul_(SMALL_INIT)
+                b.conv.weight.mul_(SMALL_INIT)
         if branch_init == "small" and new:
             _compensate(block)
 
@@ -283,20 +288,13 @@ def _compensate(block: ACBlock) -> None:
     """
     dtype = torch.float64
     branches = block.branches()
-    if block.branch_bn:
-        scale, _ = norms.scale_shift([b.norm for b in branches], dtype)
-    elif block.branch_scale:
-        scale = torch.stack([cast(Tensor, b.norm).detach().to(dtype) for b in branches])
-    else:
-        scale = torch.ones(len(branches), block.out_channels, dtype=dtype,
-                           device=block.square_conv.weight.device)
+    scale = block.branch_scales(dtype).detach()
     dead = scale[0] == 0
     if dead.any():
         for b in branches[1:]:
             b.conv.weight[dead] = 0
     kernels = [b.conv.weight.detach().to(dtype) for b in branches]
-    extra = fusion.merge_kernels([torch.zeros_like(kernels[0]), *kernels[1:]], block._taps,
-                                 list(scale.unbind(0)))
+    extra = block.merge([torch.zeros_like(kernels[0]), *kernels[1:]], list(scale.unbind(0)))
     ratio = torch.where(dead, torch.zeros_like(scale[0]), 1 / scale[0])
     block.square_conv.weight.sub_((extra * ratio.view(-1, 1, 1, 1))
                                   .to(block.square_conv.weight.dtype))
@@ -420,8 +418,9 @@ def _replace(model: nn.Module, modules: dict[str, nn.Module], name: str, use: Co
     if bn is None:
         detail = "no BatchNorm after it: the block adds one"
     else:
-        block.acnet_pair_id = uuid.uuid4().hex
-        slots = replace_module(model, bn, AbsorbedBatchNorm(bn, block.acnet_pair_id))
+        slot = AbsorbedBatchNorm(bn, uuid.uuid4().hex)
+        block.set_origin(conv_bias=block.origin().conv_bias, slot=slot)
+        slots = replace_module(model, bn, slot)
         detail = f"absorbed {use.bn}"
         if len(slots) > 1:
             detail += f" (also registered as {', '.join(s for s in slots if s != use.bn)})"

@@ -75,12 +75,10 @@ def _main_bn(block: ACBlock) -> nn.Module | None:
     return block.square_bn if block.branch_bn else block.bn
 
 
-def _nearest_slot(name: str, pid: str | None, slots: dict[str, list[str]]) -> str | None:
-    """The AbsorbedBatchNorm slot of ``pid`` that shares the longest name prefix with ``name``.
-
-    Copies of a converted sub-network share pair ids; each block's own slot is the one in its
-    copy, i.e. the nearest in the module tree.
-    """
+def _legacy_slot(name: str, pid: str | None, slots: dict[str, list[str]]) -> str | None:
+    """For a block pickled by acnet 0.3 (linked by a pair id): the AbsorbedBatchNorm slot of
+    ``pid`` that shares the longest name prefix with ``name`` (copies of a converted
+    sub-network share pair ids; each block's own slot is the nearest in the module tree)."""
     if pid is None or not slots.get(pid):
         return None
     parts = name.split(".")
@@ -126,7 +124,7 @@ def _restore_bn(model: nn.Module, block: ACBlock, slot: str, kernel: torch.Tenso
     if trainable:
         bn.weight.requires_grad_(main.weight.requires_grad)
         bn.bias.requires_grad_(main.bias.requires_grad)
-    conv_bias = torch.zeros_like(bias) if block.acnet_conv_bias else None
+    conv_bias = torch.zeros_like(bias) if block.origin().conv_bias else None
     return _fused_conv(block, kernel * scale.view(-1, 1, 1, 1), conv_bias), bn
 
 
@@ -145,7 +143,7 @@ def _deploy_block(model: nn.Module, block: ACBlock, slot: str | None, fold_bn: b
         absorbed = model.get_submodule(slot)
         replace_module(model, absorbed, _bn_tail(absorbed))
         return "fused", f"{slot} folded into the conv bias"
-    if block.acnet_conv_bias:
+    if block.origin().conv_bias:
         return "fused", ""
     return "bias-added", "the original conv had neither bias nor BatchNorm: a bias was added"
 
@@ -178,15 +176,25 @@ def deploy(model: nn.Module, *, inplace: bool = False, fold_bn: bool = False) ->
 def _deploy_tree(model: nn.Module, fold_bn: bool) -> nn.Module:
     """deploy() on a model whose root is not itself replaced."""
     report = ConversionReport("deploy")
-    slots: dict[str, list[str]] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, AbsorbedBatchNorm):
-            slots.setdefault(m.pair_id, []).append(name)
+    free = {id(m): (n, m) for n, m in model.named_modules() if isinstance(m, AbsorbedBatchNorm)}
     blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, ACBlock)]
     top = [(n, m) for n, m in blocks if not any(n.startswith(o + ".") for o, _ in blocks)]
+    legacy: dict[str, list[str]] = {}
+    for n, m in free.values():
+        legacy.setdefault(m.pair_id, []).append(n)
     biased = []
     for name, block in top:
-        slot = _nearest_slot(name, block.acnet_pair_id, slots)
+        origin = block.origin()
+        linked = free.pop(id(origin.slot), None) if origin.slot is not None else None
+        slot: str | None
+        if linked:
+            slot = linked[0]
+            legacy[linked[1].pair_id].remove(linked[0])
+        else:  # a 0.3 pickle, or a block copied apart from its slot: the nearest slot by id
+            slot = _legacy_slot(name, origin.legacy_pair or getattr(origin.slot, "pair_id", None),
+                                legacy)
+            if slot is not None:
+                free.pop(id(model.get_submodule(slot)), None)
         action, detail = _deploy_block(model, block, slot, fold_bn)
         if action == "bias-added" and not fold_bn:
             biased.append(name)  # decided below, once every block is a conv again
@@ -194,10 +202,9 @@ def _deploy_tree(model: nn.Module, fold_bn: bool) -> nn.Module:
             report.add(name, action, detail)
     if biased:
         carry_biases(model, biased, report)
-    for pid, left in slots.items():
-        for slot in left:
-            report.notes.append(f"{slot}: an absorbed BatchNorm whose ACBlock is gone "
-                                f"(pair {pid[:8]}); left as is")
+    for slot, m in free.values():
+        report.notes.append(f"{slot}: an absorbed BatchNorm whose ACBlock is gone "
+                            f"(pair {m.pair_id[:8]}); left as is")
     if fold_bn:
         _fold_plain_pairs(model, report)
     attach_report(model, report)
@@ -219,9 +226,9 @@ def _fold_plain_pairs(model: nn.Module, report: ConversionReport) -> None:
             continue
         conv, bn = modules[name], modules[use.bn]
         with torch.no_grad():
-            scale, shift = norms.scale_shift([bn], torch.float64)
-            k = conv.weight.double() * scale[0].view(-1, 1, 1, 1)
-            b = shift[0] if conv.bias is None else shift[0] + conv.bias.double() * scale[0]
+            k, b = fusion.fold_bn(conv.weight.double(), conv.bias, bn.running_mean,
+                                  bn.running_var, bn.eps, getattr(bn, "weight", None),
+                                  getattr(bn, "bias", None))
         new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                         conv.padding, conv.dilation, conv.groups, bias=True,
                         padding_mode=conv.padding_mode, device=conv.weight.device,

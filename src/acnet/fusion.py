@@ -38,13 +38,11 @@ def fold_bn(
     of None means a conv without bias. Computed in the dtype of ``kernel``.
     """
     dtype = kernel.dtype
-    mean = running_mean.to(dtype)
-    inv_std = torch.rsqrt(running_var.to(dtype) + eps)
-    scale = inv_std if weight is None else weight.to(dtype) * inv_std
-    shift = torch.zeros_like(mean) if bn_bias is None else bn_bias.to(dtype)
-    conv_bias = torch.zeros_like(mean) if bias is None else bias.to(dtype)
+    scale, shift = bn_scale_shift(running_mean.to(dtype), running_var.to(dtype), eps,
+                                  None if weight is None else weight.to(dtype),
+                                  None if bn_bias is None else bn_bias.to(dtype))
     new_kernel = kernel * scale.reshape(-1, *([1] * (kernel.dim() - 1)))
-    new_bias = (conv_bias - mean) * scale + shift
+    new_bias = shift if bias is None else torch.addcmul(shift, bias.to(dtype), scale)
     return new_kernel, new_bias
 
 

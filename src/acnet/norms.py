@@ -9,7 +9,7 @@ buffers; they are recognized by class name so neither library is imported here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -46,10 +46,11 @@ class FrozenBatchNorm2d(nn.Module):
     what they compute, in training mode too, so the block's new branches train with any batch.
     """
 
-    weight: Tensor
-    bias: Tensor
-    running_mean: Tensor
-    running_var: Tensor
+    if TYPE_CHECKING:  # buffers (class annotations would be TorchScript types)
+        weight: Tensor
+        bias: Tensor
+        running_mean: Tensor
+        running_var: Tensor
 
     def __init__(self, num_features: int, eps: float = 1e-5, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -63,8 +64,8 @@ class FrozenBatchNorm2d(nn.Module):
                                                   dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
+        scale, shift = bn_scale_shift(self.running_mean, self.running_var, self.eps,
+                                      self.weight, self.bias)
         return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:

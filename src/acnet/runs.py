@@ -13,6 +13,7 @@ from safetensors import safe_open
 from torch import nn
 
 from . import quantize
+from ._files import CheckpointError, save_json
 from ._text import first_line
 from .analysis import kernel_magnitude, plots, sparsity_study
 from .analysis.kernels import dominant_kernel_size
@@ -21,7 +22,7 @@ from .deploy import deploy
 from .errors import InputError, NonFiniteError
 from .evaluation import evaluate
 from .export import export_onnx
-from .io import CheckpointError, load_deployed, save_json
+from .io import load_deployed
 from .train.config import TrainConfig, build_base_model, build_training_model
 from .train.data import Split, in_memory_data, test_split
 from .train.init_from import add_conv_biases
@@ -172,19 +173,19 @@ def evaluate_run(path: str | os.PathLike, *, dataset: str | None = None,
             "test_images": split.images}
 
 
-def _check_output_file(path: str | os.PathLike, flag: str) -> Path:
+def _check_output_file(path: str | os.PathLike, param: str) -> Path:
     """An output file name, not a directory."""
     p = Path(path)
     if p.is_dir() or str(path).endswith((os.sep, "/")):
-        raise InputError(f"{flag} {path} is a directory; give a file name, e.g. "
-                         f"{p / 'model.onnx'}")
+        raise InputError(f"{param} {path} is a directory; give a file name, e.g. "
+                         f"{p / 'model.onnx'}", params=(param,))
     return p
 
 
 def export_run(path: str | os.PathLike, onnx_path: str | os.PathLike) -> dict[str, Any]:
     """Export a run's deployed model to ONNX, checked with onnxruntime; returns the file and
     the relative max error of onnxruntime against PyTorch."""
-    out = _check_output_file(onnx_path, "--onnx")
+    out = _check_output_file(onnx_path, "onnx_path")
     cfg, _ = open_run(path)
     channels, _, size = cfg.data_shape
     err = export_onnx(load_deployed_model(path), out, (1, channels, size, size))

@@ -54,7 +54,8 @@ class ImageData:
         """The first ``train`` / ``test`` images (None keeps all)."""
         for what, n in (("train", train), ("test", test)):
             if n is not None and n < 1:
-                raise InputError(f"--{what}-limit must be >= 1, got {n}")
+                raise InputError(f"{what}_limit must be >= 1, got {n}",
+                                 params=(f"{what}_limit",))
         return ImageData(self.name, self.train_x[:train], self.train_y[:train],
                          self.test_x[:test], self.test_y[:test], self.num_classes, self.mean,
                          self.std, self.crop_padding, self.hflip)
@@ -88,10 +89,11 @@ def _stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 _HINTS = {
-    "fashion-mnist": "install it with 'apt-get install dataset-fashion-mnist', or pass "
-                     "--data-dir DIR, or --download",
-    "cifar10": "pass --data-dir DIR holding the extracted CIFAR python archive, or --download",
-    "imagenet": "pass --data-dir DIR with train/ and val/ ImageFolders",
+    "fashion-mnist": "install Debian's package dataset-fashion-mnist, or give the directory "
+                     "of its IDX files (data_dir), or download it (download=True)",
+    "cifar10": "give the directory holding the extracted CIFAR python archive (data_dir), or "
+               "download it (download=True)",
+    "imagenet": "give a directory with train/ and val/ ImageFolders (data_dir)",
 }
 _HINTS["cifar100"] = _HINTS["cifar10"]
 
@@ -142,9 +144,9 @@ def load_fashion_mnist(data_dir: str | None = None, download: bool = False, *,
     if d is None:
         looked = data_dir or ", ".join(FMNIST_DIRS)
         raise DatasetNotFoundError(
-            f"Fashion-MNIST not found (looked in {looked}); install it with "
-            f"'apt-get install dataset-fashion-mnist', or give its directory (data_dir, "
-            f"--data-dir), or download it (--download)")
+            f"Fashion-MNIST not found (looked in {looked}); install Debian's package "
+            f"dataset-fashion-mnist, give its directory (data_dir), or download it "
+            f"(download=True)", params=("data_dir",))
     vx = read_idx(_idx_file(d, "t10k-images-idx3-ubyte")).unsqueeze(1)
     if train:
         tx = read_idx(_idx_file(d, "train-images-idx3-ubyte")).unsqueeze(1)
@@ -166,8 +168,8 @@ def load_cifar(name: str, data_dir: str | None = None, download: bool = False) -
     except RuntimeError as exc:
         raise DatasetNotFoundError(
             f"{name} not found in {Path(root).resolve()} ({exc}); give the directory holding "
-            f"the extracted CIFAR python archive (data_dir, --data-dir), or download it "
-            f"(--download) when online") from exc
+            f"the extracted CIFAR python archive (data_dir), or download it (download=True) "
+            f"when online", params=("data_dir",)) from exc
 
     def tensors(ds):
         return (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),

@@ -44,13 +44,14 @@ def _torchvision():
 
 
 def _split_dir(root: str | None, split: str) -> Path:
-    """``root/split``, checked: a missing --data-dir or split folder is a clear error."""
+    """``root/split``, checked: a missing data_dir or split folder is a clear error."""
     check_data_dir(root, dataset="imagenet")
     base = Path(root or "data/imagenet")
     if not (base / split).is_dir():
         raise DatasetNotFoundError(
             f"ImageNet not found: expected {base.resolve()}/train and /val ImageFolders "
-            f"(one folder per class); give their parent directory (data_dir, --data-dir)")
+            f"(one folder per class); give their parent directory (data_dir)",
+            params=("data_dir",))
     return base / split
 
 

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from .._env import machine
+from .._files import save_json
 from ..bench import bench_training
-from ..io import save_json
 from ..train import RunDir
 from .runner import Job, train_jobs
 from .stats import Comparison, compare, markdown_table, pm, signed

@@ -20,18 +20,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._env import machine
+from .._files import save_json
 from ..convert import convert
 from ..data import load_dataset
 from ..data.scenes import Scenes, scene_splits
 from ..deploy import deploy
 from ..errors import NonFiniteError, require
-from ..io import (
-    save_json,
-)
+from ..train import RunDir
 from .detection import DETECTION, DetectionStudy, detection_jobs, detection_section, train_detector
-from .presets import SceneStudy
+from .presets import SceneStudy, open_scene_run
 from .runner import Job, train_jobs
-from .scene_run import end_epoch, open_run, resume
 from .stats import compare, markdown_table, pm, signed
 
 log = logging.getLogger(__name__)
@@ -134,7 +132,7 @@ def _data(cfg: dict[str, Any]) -> tuple[Scenes, Scenes]:
 def train_segmenter(config: dict[str, Any], path: str, threads: int | None = None) -> str:
     """Train (or resume) one segmentation run into ``path``: checkpoint and metrics line per
     epoch, then deploy and compare; a user's own loop, acnet only converts and deploys."""
-    out, cfg = open_run(config, path, threads)
+    run, cfg = open_scene_run(config, path, threads)
     train, test = _data(cfg)
     torch.manual_seed(cfg["seed"])
     model = _model(cfg, train.num_classes)
@@ -143,17 +141,17 @@ def train_segmenter(config: dict[str, Any], path: str, threads: int | None = Non
     steps = len(train) // cfg["batch_size"]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg["lr"], total_steps=cfg["epochs"] * steps,
                                                 pct_start=0.1)
-    start, seconds = resume(out, model, opt, sched)
+    start, seconds = run.resume_loop(model, opt, sched)
     for epoch in range(start, cfg["epochs"]):
         t0 = time.perf_counter()
         loss = _epoch(model, opt, sched, train, cfg, epoch)
         ev = miou(model, test)
         seconds += time.perf_counter() - t0
-        end_epoch(out, {"epoch": epoch + 1, "train_loss": loss, "test_miou": ev["miou"],
+        run.end_epoch({"epoch": epoch + 1, "train_loss": loss, "test_miou": ev["miou"],
                         "test_pixel_acc": ev["pixel_acc"], "seconds": seconds}, model, opt, sched)
-        log.info("%s epoch %d/%d loss %.4f test mIoU %.4f", out.name, epoch + 1, cfg["epochs"],
+        log.info("%s epoch %d/%d loss %.4f test mIoU %.4f", run.path.name, epoch + 1, cfg["epochs"],
                  loss, ev["miou"])
-    _finish(model, test, out, cfg, seconds)
+    _finish(model, test, run, cfg, seconds)
     return path
 
 
@@ -180,7 +178,7 @@ def _epoch(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, train: Scen
     return total / max(steps, 1)
 
 
-def _finish(model: nn.Module, test: Scenes, out: Path, cfg: dict[str, Any],
+def _finish(model: nn.Module, test: Scenes, run: RunDir, cfg: dict[str, Any],
             seconds: float) -> None:
     """Deploy, evaluate both forms on the test scenes, write metrics.json."""
     model.eval()
@@ -190,7 +188,7 @@ def _finish(model: nn.Module, test: Scenes, out: Path, cfg: dict[str, Any],
     diff = float((trained["logits"] - deployed["logits"]).abs().max())
     same = float((trained["logits"].argmax(1) == deployed["logits"].argmax(1)).float().mean())
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    save_json(out / "metrics.json", {
+    run.write_metrics({
         "variant": cfg["variant"], "seed": cfg["seed"], "epochs": cfg["epochs"],
         "test_miou": trained["miou"], "deployed_test_miou": deployed["miou"],
         "deployed_pixel_acc": deployed["pixel_acc"], "deployed_iou": deployed["iou"],
@@ -211,14 +209,12 @@ def _read(out: Path, study: DenseStudy, seeds: tuple[int, ...]) -> tuple[dict, l
     done: dict[str, dict[int, dict[str, Any]]] = {}
     pending = []
     for job in jobs(study, seeds):
-        run = out / "runs" / job.name
-        m = run / "metrics.json"
-        if not m.is_file():
+        run = RunDir(out / "runs" / job.name)
+        entry = run.read_metrics()
+        if entry is None:
             pending.append(job.name)
             continue
-        entry = json.loads(m.read_text())
-        entry["curve"] = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text()
-                          .splitlines() if ln.strip()]
+        entry["curve"] = run.metrics_lines()
         done.setdefault(job.config["variant"], {})[job.config["seed"]] = entry
     return done, pending
 

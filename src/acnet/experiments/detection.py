@@ -9,7 +9,6 @@ scenes and then frozen, as a stand-in. A CPU budget: one seed, a few epochs, sma
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import warnings
@@ -26,10 +25,9 @@ from ..data import load_dataset
 from ..data.scenes import Scenes, scene_splits
 from ..deploy import deploy
 from ..errors import NonFiniteError, require
-from ..io import save_json
-from .presets import SceneStudy
+from ..train import RunDir
+from .presets import SceneStudy, open_scene_run
 from .runner import Job
-from .scene_run import end_epoch, open_run, resume
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +125,7 @@ def _data(cfg: dict[str, Any]) -> tuple[Scenes, Scenes]:
 
 def train_detector(config: dict[str, Any], path: str, threads: int | None = None) -> str:
     """Train (or resume) one detection run into ``path``, then deploy and compare."""
-    out, cfg = open_run(config, path, threads)
+    run, cfg = open_scene_run(config, path, threads)
     train, test = _data(cfg)
     torch.manual_seed(cfg["seed"])
     model = _pretrained_stand_in(train.num_classes, train)
@@ -137,14 +135,14 @@ def train_detector(config: dict[str, Any], path: str, threads: int | None = None
             model = convert(model, inplace=True)  # frozen norms absorbed: the online form
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=1e-4)
-    start, seconds = resume(out, model, opt)
+    start, seconds = run.resume_loop(model, opt)
     for epoch in range(start, cfg["epochs"]):
         t0 = time.perf_counter()
         loss = _epoch(model, opt, train, cfg, epoch)
         seconds += time.perf_counter() - t0
-        end_epoch(out, {"epoch": epoch + 1, "train_loss": loss, "seconds": seconds}, model, opt)
-        log.info("%s epoch %d/%d loss %.4f", out.name, epoch + 1, cfg["epochs"], loss)
-    _finish(model, test, out, cfg, seconds)
+        run.end_epoch({"epoch": epoch + 1, "train_loss": loss, "seconds": seconds}, model, opt)
+        log.info("%s epoch %d/%d loss %.4f", run.path.name, epoch + 1, cfg["epochs"], loss)
+    _finish(model, test, run, cfg, seconds)
     return path
 
 
@@ -168,7 +166,7 @@ def _epoch(model: nn.Module, opt: torch.optim.Optimizer, train: Scenes, cfg: dic
     return total / max(steps, 1)
 
 
-def _finish(model: Any, test: Scenes, out: Path, cfg: dict[str, Any],
+def _finish(model: Any, test: Scenes, run: RunDir, cfg: dict[str, Any],
             seconds: float) -> None:
     """Deploy into the stock frozen-BN detector (strict load), mAP of both, compare."""
     model.eval()
@@ -183,7 +181,7 @@ def _finish(model: Any, test: Scenes, out: Path, cfg: dict[str, Any],
                for a, b in pairs)
     diff = max((float((a["boxes"] - b["boxes"]).abs().max()) for a, b in pairs
                 if len(a["boxes"]) and a["boxes"].shape == b["boxes"].shape), default=0.0)
-    save_json(out / "metrics.json", {
+    run.write_metrics({
         "variant": cfg["variant"], "seed": cfg["seed"], "epochs": cfg["epochs"],
         "test_map": trained["map"], "deployed_test_map": deployed["map"],
         "deployed_test_map_50": deployed["map_50"], "same_detections": same,
@@ -203,10 +201,9 @@ def detection_section(study: DetectionStudy, out: Path) -> tuple[list[str], dict
     done: dict[str, dict[int, dict[str, Any]]] = {}
     pending = []
     for job in detection_jobs(study):
-        f = out / "runs" / job.name / "metrics.json"
-        if f.is_file():
-            done.setdefault(job.config["variant"], {})[job.config["seed"]] = json.loads(
-                f.read_text())
+        metrics = RunDir(out / "runs" / job.name).read_metrics()
+        if metrics is not None:
+            done.setdefault(job.config["variant"], {})[job.config["seed"]] = metrics
         else:
             pending.append(job.name)
     st = study

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .._env import machine
-from ..io import save_json
+from .._files import save_json
 from ..train import RunDir
 from .results import curve_rise
 from .runner import Job, train_jobs

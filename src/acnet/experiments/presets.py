@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import InputError
+from ..train import RunDir
 
 __all__ = [
     "ABLATION",
@@ -22,6 +26,7 @@ __all__ = [
     "StudyPreset",
     "Variant",
     "legacy_name",
+    "open_scene_run",
     "runs_of",
     "schedule_epochs",
     "tier",
@@ -242,3 +247,15 @@ class SceneStudy:
         cfg = asdict(self)
         cfg.pop("seeds", None)
         return {**cfg, "variant": variant, "seed": seed}
+
+
+def open_scene_run(config: dict[str, Any], path: str | Path, threads: int | None = None
+                   ) -> tuple[RunDir, dict[str, Any]]:
+    """(the run, its settings) of a scene-study run: ``config`` without the device, written to
+    config.json; a run already there with other settings (``data_dir`` aside) is refused."""
+    if threads:
+        torch.set_num_threads(threads)
+    run = RunDir(path)
+    cfg = {k: v for k, v in config.items() if k != "device"}
+    run.open_settings(cfg, ignore=("data_dir",))
+    return run, cfg

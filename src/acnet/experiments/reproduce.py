@@ -11,13 +11,13 @@ from typing import Any
 import torch
 
 from .._env import load_average, machine
+from .._files import save_json
 from ..analysis import kernel_magnitude, robustness, sparsity_study
 from ..analysis.cost import count_macs, count_params, latency_ratio
 from ..analysis.kernels import dominant_kernel_size
 from ..bench import bench_training
 from ..deploy import deploy
 from ..errors import InputError
-from ..io import save_json
 from ..runs import load_deployed_model, run_test_split
 from ..train import RunDir, TrainConfig, build_base_model
 from ..train.config import resolve, settings_diff
@@ -123,9 +123,9 @@ def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
 
 def _check_study_dir(out: Path, preset_name: str) -> None:
     """Refuse a directory that holds a training run or another study's results."""
-    if (out / "config.json").is_file():
+    if RunDir(out).config_file.is_file():
         raise InputError(f"{out} is a training run directory, not a study directory; choose "
-                         f"another --out", params=("out",))
+                         f"another out directory", params=("out",))
     results = out / RESULTS
     if results.is_file():
         try:
@@ -135,7 +135,7 @@ def _check_study_dir(out: Path, preset_name: str) -> None:
         other = data.get("study") or data.get("preset")
         if other and other != preset_name:
             raise InputError(f"{out} holds the {other!r} study, not {preset_name!r}; choose "
-                             f"another --out", params=("out", "preset"))
+                             f"another out directory", params=("out", "preset"))
 
 
 def _rename_legacy(runs: list[RunSpec], out: Path) -> None:
@@ -152,7 +152,7 @@ def _rename_legacy(runs: list[RunSpec], out: Path) -> None:
         try:
             diff = settings_diff(resolve(TrainConfig(**spec.config)), RunDir(src).read_config())
         except (FileNotFoundError, ValueError) as exc:  # no or no valid config.json
-            diff = {"config.json": ("readable", str(exc))}
+            diff = {RunDir(src).config_file.name: ("readable", str(exc))}
         if diff:
             log.warning("not renaming %s to %s: other settings (%s)", src, dst.name,
                         ", ".join(f"{k}: {b!r}, now {a!r}" for k, (a, b) in diff.items()))

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._compat import eager_ceil_mode_avg_pools
+from .._files import CheckpointError
 from ..deploy import deploy
 from ..errors import InputError, NonFiniteError
 from ..evaluation import compare_models, count_params, evaluate
-from ..io import CheckpointError
 from . import distributed as dist_utils
 from .config import TrainConfig, build_base_model, build_training_model, resolve, settings_diff
 from .data import Split, in_memory_data, test_split, train_split
@@ -160,7 +160,7 @@ def _warn_kept_head(cfg: TrainConfig, info: dist_utils.DistInfo) -> None:
     theirs = src.read_config()
     if theirs.classes != cfg.classes and theirs.num_classes == cfg.data_shape[1]:
         log.warning("init_from: the source was trained on classes %s, this run on %s; its "
-                    "classifier fits and is kept (pass --new-head to re-initialise it)",
+                    "classifier fits and is kept (new_head=True re-initialises it)",
                     theirs.classes or "all", cfg.classes or "all")
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .._files import CheckpointError
 from .._text import first_line
 from ..errors import InputError, NonFiniteError
-from ..io import CheckpointError, load_deployed
+from ..io import load_deployed
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)

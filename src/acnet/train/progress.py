@@ -12,6 +12,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from .rundir import RunDir
+
 __all__ = ["Progress", "StudyProgress"]
 
 log = logging.getLogger("acnet.progress")
@@ -81,11 +83,11 @@ class StudyProgress:
         """(epochs finished, 'name e/E' of the running runs, runs finished)."""
         done, running, finished = 0, [], 0
         for name, epochs in self.runs.items():
-            d = self.runs_dir / name
-            n = min(_lines(d / "metrics.jsonl"), epochs)
-            if (d / "metrics.json").is_file():
+            d = RunDir(self.runs_dir / name)
+            n = min(_lines(d.metrics_lines_file), epochs)
+            if d.finished:
                 n, finished = epochs, finished + 1
-            elif (d / "config.json").is_file():
+            elif d.config_file.is_file():
                 running.append(f"{name} {n}/{epochs}")
             done += n
         return done, running, finished

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from ..errors import InputError
-from ..io import (
+from .._files import (
     CheckpointError,
     append_json_line,
     atomic_write_bytes,
     json_text,
     load_checkpoint,
     save_checkpoint,
-    save_deployed,
     save_json,
 )
+from ..errors import InputError
+from ..io import save_deployed
 from .config import TrainConfig
 
 __all__ = ["RunDir", "RunDirError", "load_config"]
@@ -52,7 +54,8 @@ def _read_json(path: Path) -> Any:
 
 
 class RunDir:
-    """One training run on disk: config, checkpoint, metrics, deployed weights, export results."""
+    """One run on disk, of any kind (``acnet train``, the scene studies' own loops): config,
+    checkpoint, metrics, deployed weights, export results, analysis caches."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -117,14 +120,37 @@ class RunDir:
                               f"{exc.strerror or exc}") from exc
 
     # config
-    def read_config(self) -> TrainConfig:
-        """config.json as a TrainConfig."""
+    def read_settings(self) -> dict[str, Any]:
+        """config.json as plain data; a missing file is FileNotFoundError, a malformed one an
+        InputError naming it."""
         if not self.config_file.is_file():
             raise FileNotFoundError(f"{self.path} is not an acnet run directory (no {CONFIG})")
+        data = _read_json(self.config_file)
+        if not isinstance(data, dict):
+            raise InputError(f"{self.config_file} is not a valid acnet config (a JSON object)")
+        return data
+
+    def read_config(self) -> TrainConfig:
+        """config.json as a TrainConfig."""
+        data = self.read_settings()
         try:
-            return TrainConfig.from_dict(json.loads(self.config_file.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
+            return TrainConfig.from_dict(data)
+        except TypeError as exc:
             raise InputError(f"{self.config_file} is not a valid acnet config ({exc})") from exc
+
+    def open_settings(self, settings: dict[str, Any], ignore: Iterable[str] = ()) -> None:
+        """Create the run with ``settings`` as its config.json; a run already here with other
+        settings (the ``ignore`` names aside) is refused."""
+        self.prepare()
+        if self.config_file.is_file():
+            old = self.read_settings()
+            diff = sorted(k for k in {*old, *settings} - set(ignore)
+                          if old.get(k) != settings.get(k))
+            if diff:
+                raise RunDirError(f"{self.path} holds a run with other settings "
+                                  f"({', '.join(diff)}); use another directory",
+                                  params=("out",))
+        _write_json(self.config_file, settings)
 
     def write_config(self, cfg: TrainConfig) -> None:
         """Write config.json."""
@@ -141,6 +167,34 @@ class RunDir:
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """Atomically write checkpoint.pt."""
         save_checkpoint(self.checkpoint_file, state)
+
+    # a training loop of one's own (the scene studies): resume, one checkpoint per epoch
+    def resume_loop(self, model: nn.Module, opt: torch.optim.Optimizer,
+                    sched: Any = None) -> tuple[int, float]:
+        """(epochs done, training seconds so far): model, optimizer, scheduler and RNG restored
+        from the checkpoint if there is one; metrics lines past it are dropped."""
+        start, seconds = 0, 0.0
+        if self.has_checkpoint:
+            state = self.load_checkpoint()
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(state["scheduler"])
+            start, seconds = state["epoch"], state["seconds"]
+            torch.set_rng_state(state["rng"])
+        self.trim_metrics(start)
+        return start, seconds
+
+    def end_epoch(self, row: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
+                  sched: Any = None) -> None:
+        """Append the epoch's metrics line (``row`` has ``epoch`` and ``seconds``), then write
+        the checkpoint to resume after it."""
+        self.append_metrics(row)
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "epoch": row["epoch"], "seconds": row["seconds"], "rng": torch.get_rng_state()}
+        if sched is not None:
+            state["scheduler"] = sched.state_dict()
+        self.save_checkpoint(state)
 
     # metrics
     def append_metrics(self, row: dict[str, Any]) -> None:
