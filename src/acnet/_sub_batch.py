@@ -16,16 +16,13 @@ under DDP each process uses its own first M images.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .errors import InputError
-
-if TYPE_CHECKING:
-    from .block import ACBlock
 
 __all__ = ["sub_batch_size", "sub_batch_weights"]
 
@@ -45,8 +42,8 @@ def _applies(norms: list[Any]) -> bool:
                and n.running_mean is not None for n in norms)
 
 
-def sub_batch_weights(block: ACBlock, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(input, kernel, bias) of the one conv computing the block's training output with branch
+def sub_batch_weights(block: Any, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(input, kernel, bias) of the one conv computing an ACBlock's training output with branch
     statistics from the first M images, or None when the form does not apply (M covers the
     batch: the ACB itself; a norm not in training mode). Run the conv on the returned input: it
     is ``x``, split so that the gradient of both uses is summed in one pass."""
