@@ -94,3 +94,44 @@ def sgd_steps(model: nn.Module, make_input, steps: int = 3, lr: float = 0.1, *,
         value.backward()
         opt.step()
     return model
+
+
+def write_image_folder(root, layout: str = "split", *, per_class: int = 12, classes: int = 3,
+                       rgb: bool = False, sizes: tuple[tuple[int, int], ...] = ((28, 28),),
+                       start: int = 0):
+    """Real Fashion-MNIST images as PNG files: ``root/<class>/`` (layout "split") or
+    ``root/train/<class>/`` and ``root/val/<class>/`` (layout "train/val", a third of
+    ``per_class`` for val); RGB (each image tinted per class) or grayscale; image i resized to
+    ``sizes[i % len(sizes)]`` (width, height)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from acnet.data import load_dataset
+
+    data = load_dataset("fashion-mnist")
+    root = Path(root)
+
+    def write(where, x, y, count):
+        seen: dict[int, int] = {}
+        for img, label in zip(x[start:], y[start:], strict=True):
+            c = int(label)
+            if c >= classes or seen.get(c, 0) >= count:
+                continue
+            k = seen[c] = seen.get(c, 0) + 1
+            im = Image.fromarray(img[0].numpy(), "L").resize(sizes[k % len(sizes)])
+            if rgb:
+                im = Image.merge("RGB", (im, im.point(lambda v, c=c: v * (c + 1) // classes),
+                                         im.point(lambda v: 255 - v)))
+            d = where / f"class_{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            im.save(d / f"{k:04d}.png")
+            if all(seen.get(i, 0) >= count for i in range(classes)):
+                break
+
+    if layout == "split":
+        write(root, data.train_x, data.train_y, per_class)
+    else:
+        write(root / "train", data.train_x, data.train_y, per_class)
+        write(root / "val", data.test_x, data.test_y, max(1, per_class // 3))
+    return root

@@ -259,7 +259,7 @@ def test_cheap_study_end_to_end(tmp_path):
         "base": 1.0, "acb": 1.9, "sub4": 1.3, "sub8": 1.1, "online": 1.05}}}))
     path = cheap.run(tmp_path, study=study, command="acnet reproduce --preset cheap")
     text = path.read_text()
-    assert text.splitlines()[2].startswith("**In short:** cifar_quick: ACNet ")
+    assert text.splitlines()[3].startswith("**In short:** cifar_quick: ACNet ")
     data = json.loads((tmp_path / cheap.RESULTS).read_text())
     assert data["pending"] == []
     # 5 forms at 2 epochs; ACNet at round(2 / 1.9) = 1 epoch, sub4 at round(2 / 1.3) = 2 (the

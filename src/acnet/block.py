@@ -131,6 +131,31 @@ class ACBlock(nn.Module):
     (or that fraction of the batch) and one conv runs over the batch. ``fast_eval`` (default
     True): when every norm uses running statistics (each norm in its own mode), fold them into
     one kernel on every call (nothing cached) and run one conv.
+
+    Args:
+        in_channels: input channels, as ``nn.Conv2d``.
+        out_channels: output channels.
+        kernel_size: d, or (d, d): the square kernel's side.
+        stride: as ``nn.Conv2d``.
+        padding: as ``nn.Conv2d`` (ints or ``"same"``/``"valid"``).
+        dilation: as ``nn.Conv2d``.
+        groups: as ``nn.Conv2d`` (depthwise included).
+        padding_mode: as ``nn.Conv2d``.
+        horizontal: the 1×d branch.
+        vertical: the d×1 branch.
+        branch_bn: a BatchNorm per branch (False: one BatchNorm after the summed kernels).
+        branch_scale: the online form's learnable per-channel branch scales (needs
+            ``branch_bn=False``).
+        affine: affine parameters in the BatchNorms.
+        position: ``"center"`` (the skeleton) or ``"corner"`` for the thin kernels.
+        gamma_init: initial BatchNorm scale of every branch (or of the branch scales).
+        sub_batch: branch statistics from the first N images (int) or that fraction of the
+            batch (float in (0, 1]); None: every image.
+        eps: BatchNorm eps.
+        momentum: BatchNorm momentum (None: cumulative average).
+        fast_eval: fold the norms into one conv whenever every norm uses running statistics.
+        device: where the parameters are created.
+        dtype: floating-point dtype of the parameters.
     """
 
     __jit_unused_properties__: ClassVar[list[str]] = ["is_fused"]

@@ -84,10 +84,17 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP")
     p.add_argument("--data-dir", help="where the dataset is (default: the usual places)")
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
-    p.add_argument("--workers", type=int, help=f"DataLoader workers, imagenet "
+    p.add_argument("--workers", type=int, help=f"DataLoader workers of folder and imagenet "
                    f"({_default('workers')})")
-    p.add_argument("--image-size", type=positive_int, help=f"imagenet crop size "
-                   f"({_default('image_size')})")
+    d = p.add_argument_group("image folders (--dataset folder or imagenet)")
+    d.add_argument("--image-size", type=positive_int, help="side of the square crops (default: "
+                   "imagenet 224; folder the images' median shorter side, at most 224)")
+    d.add_argument("--val-fraction", type=_fraction, help="DIR/<class>/ layout: the share of "
+                   f"each class held out for testing, by a fixed seed ({_default('val_fraction')})")
+    d.add_argument("--mean", type=_numbers, help="per-channel normalisation mean, e.g. "
+                   "0.5,0.5,0.5 (default: from the training images; imagenet's for imagenet)")
+    d.add_argument("--std", type=_numbers, help="per-channel normalisation std (default: as "
+                   "--mean)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     f = p.add_argument_group("fine-tuning")
     f.add_argument("--init-from", metavar="SRC", help="start from trained weights: a run "
@@ -129,6 +136,26 @@ def _sub_batch_arg(s: str) -> int | float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of images (e.g. 32) or a fraction "
                                          f"of the batch (e.g. 0.25), got {s!r}") from None
+
+
+def _fraction(s: str) -> float:
+    """argparse type of --val-fraction: a number in (0, 1)."""
+    try:
+        v = float(s)
+    except ValueError:
+        v = float("nan")
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {s!r}")
+    return v
+
+
+def _numbers(s: str) -> list[float]:
+    """argparse type of --mean/--std: comma-separated numbers."""
+    try:
+        return [float(v) for v in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}"
+                                         ) from None
 
 
 def _class_list(s: str) -> list[int]:

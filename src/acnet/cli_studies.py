@@ -113,13 +113,38 @@ def add_reproduce(p: argparse.ArgumentParser) -> None:
                    help="train nothing: write the report of the runs finished so far")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir")
+    c = p.add_argument_group("compare (--preset compare: your model and data)")
+    c.add_argument("--model", help="the model to compare: a built-in, tv:NAME or timm:NAME")
+    c.add_argument("--dataset", help="fashion-mnist (default), cifar10, cifar100, folder "
+                   "(--data-dir DIR: DIR/train and DIR/val, or DIR/<class>/), imagenet")
+    c.add_argument("--epochs", type=positive_int, help="epochs of every form (default 10)")
+    c.add_argument("--forms", help="comma-separated forms (default base,acb,sub4; also sub8, "
+                   "online); the baseline is always included")
+    c.add_argument("--batch-size", type=positive_int, help="default 128")
+    c.add_argument("--lr", type=float, help="default: the model's preset")
+    c.add_argument("--optimizer", choices=["sgd", "adamw"])
+    c.add_argument("--weight-decay", type=float)
+    c.add_argument("--image-size", type=positive_int, help="folder datasets: crop side")
+    c.add_argument("--val-fraction", type=float, help="folder datasets in DIR/<class>/ "
+                   "layout: the share held out for testing (default 0.1)")
+    c.add_argument("--init-from", help="fine-tune every form from these weights")
+    c.add_argument("--new-head", action="store_true", default=None,
+                   help="with --init-from: a fresh classifier")
+    c.add_argument("--train-limit", type=positive_int, help="train on N images")
+    c.add_argument("--test-limit", type=positive_int, help="test on N images")
+
+
+COMPARE_ARGS = ("model", "dataset", "epochs", "forms", "batch_size", "lr", "optimizer",
+                "weight_decay", "image_size", "val_fraction", "init_from", "new_head",
+                "train_limit", "test_limit")
 
 
 def cmd_reproduce(a: argparse.Namespace) -> int:
     """Run a study; print its main result and deployment check."""
+    settings = {k: getattr(a, k) for k in COMPARE_ARGS if getattr(a, k, None) is not None}
     path = reproduce(a.preset, a.out, device=a.device, data_dir=a.data_dir,
                      command=a.command_line, seeds=_seeds(a.seeds) if a.seeds else None,
-                     jobs=a.jobs, train_runs=not a.report_only)
+                     jobs=a.jobs, train_runs=not a.report_only, settings=settings or None)
     print(summary(a.out))
     print(f"\nreport: {path}")
     return 0

@@ -344,6 +344,29 @@ def convert(
     makes its block the online form (branch scales, the frozen norm after the merged kernel):
     no batch statistics, so tiny detection batches train it. Training modes and
     ``requires_grad`` are kept. ``filter=`` is the deprecated name of ``include=``.
+
+    Args:
+        model: any ``nn.Module`` (torchvision, timm, your own; a bare ``nn.Conv2d`` too).
+        preserve: keep the function: copy each conv and its norm into the square branch
+            (True), or build fresh blocks for training from scratch (False).
+        inplace: convert ``model`` itself instead of a copy.
+        include: ``include(name, conv) -> bool`` chooses the convs to convert (default: every
+            eligible one).
+        example_inputs: a tensor or tuple of forward arguments for models torch.fx cannot
+            trace: conv→norm pairs are then proven by probe runs on them.
+        branch_init: with ``preserve=True``, how the new branches start: ``"zero"`` or
+            ``"small"``.
+        filter: deprecated name of ``include``.
+        **acb_options: ``ACBOptions`` fields (``horizontal``, ``vertical``, ``branch_bn``,
+            ``branch_scale``, ``position``, ``gamma_init``, ``sub_batch``, ``affine``, ``eps``,
+            ``momentum``).
+
+    Returns:
+        The converted model; ``result.acnet_report`` lists each conv converted or skipped.
+
+    Raises:
+        ValueError: an unknown option or value (``acnet.errors.InputError``).
+        TypeError: an option of the wrong type.
     """
     model = unwrap(model, "convert")
     include = _choose(include, filter)

@@ -156,6 +156,15 @@ def deploy(model: nn.Module, *, inplace: bool = False, fold_bn: bool = False) ->
     not) becomes one conv with bias, and a norm+act layer (timm's BatchNormAct2d) keeps its
     activation. Training modes and ``requires_grad`` are kept. The report is
     ``result.acnet_report``.
+
+    Args:
+        model: a model converted by ``convert`` (or holding ``ACBlock`` modules).
+        inplace: change ``model`` itself instead of a copy.
+        fold_bn: also fold every conv→BN pair into one conv with bias.
+
+    Returns:
+        The deployed model: the original architecture, loadable strictly into a fresh instance
+        of the original class.
     """
     model = unwrap(model, "deploy")
     for name, flag in (("inplace", inplace), ("fold_bn", fold_bn)):

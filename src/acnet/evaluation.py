@@ -68,6 +68,26 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, amp: bool = False,
     return correct / max(total, 1), (torch.cat(outs) if keep_logits else None)
 
 
+@torch.no_grad()
+def accuracy_by_class(model: nn.Module, loader: Iterable[Any], num_classes: int
+                      ) -> tuple[float, list[float | None]]:
+    """Top-1 accuracy overall and per class (None for a class with no test image)."""
+    was = model.training
+    model.eval()
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    try:
+        for x, y in loader:
+            hit = (model(x).argmax(1) == y).long().cpu()
+            y = y.cpu()
+            total += torch.bincount(y, minlength=num_classes)[:num_classes]
+            correct += torch.bincount(y, weights=hit, minlength=num_classes)[:num_classes].long()
+    finally:
+        model.train(was)
+    per = [c / t if t else None for c, t in zip(correct.tolist(), total.tolist(), strict=True)]
+    return correct.sum().item() / max(total.sum().item(), 1), per
+
+
 def compare_models(trained: nn.Module, deployed: nn.Module, loader: Iterable[Any], *,
                    device: torch.device | str = "cpu") -> dict[str, float]:
     """Accuracy of both models and how far apart they are, in exact float32 (no autocast/TF32).

@@ -30,8 +30,21 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
                 seed: int = 0) -> float:
     """Deploy ``model`` (if it has ACBlocks), export it to ONNX, check it, compare onnxruntime.
 
-    Returns the measured relative max error of onnxruntime against PyTorch on a random input;
-    raises ``ExportMismatchError`` when it exceeds ``rtol``.
+    Args:
+        model: a model (deployed, or an ACNet, which is deployed first).
+        path: the ``.onnx`` file to write.
+        input_shape: (N, C, H, W) of the example input.
+        opset: ONNX opset version.
+        rtol: the largest relative error of onnxruntime against PyTorch accepted.
+        dynamic_batch: a dynamic batch dimension in the exported graph.
+        seed: seed of the random check input.
+
+    Returns:
+        The measured relative max error of onnxruntime against PyTorch on a random input.
+
+    Raises:
+        ExportMismatchError: the error exceeds ``rtol``.
+        ValueError: a bad ``input_shape`` or ``path``.
     """
     onnx, ort = _require()
     if not (isinstance(input_shape, (tuple, list)) and len(input_shape) == 4

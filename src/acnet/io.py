@@ -60,6 +60,11 @@ def save_deployed(model: nn.Module, path: str | os.PathLike,
 
     The model must be deployed already (``acnet.deploy``): this only writes, it never changes
     what is saved.
+
+    Args:
+        model: a deployed model (no ``ACBlock`` left).
+        path: the ``.safetensors`` file to write (atomically: a crash leaves the old file).
+        metadata: string metadata to store with the tensors.
     """
     from safetensors.torch import save as st_save
 
@@ -87,7 +92,18 @@ def load_deployed(path: str | os.PathLike, model: M, *, strict: bool = True,
 
 def load_deployed(path: str | os.PathLike, model: nn.Module | None = None, *,
                   strict: bool = True, device: str = "cpu") -> dict[str, torch.Tensor] | nn.Module:
-    """Read a safetensors file: the state_dict, or ``model`` with it loaded (strict by default)."""
+    """Read a safetensors file: the state_dict, or ``model`` with it loaded (strict by default).
+
+    Args:
+        path: a file written by ``save_deployed`` (or any safetensors state_dict).
+        model: load the weights into this model and return it; None: return the state_dict.
+        strict: as ``nn.Module.load_state_dict``.
+        device: where the tensors are loaded.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        acnet.io.CheckpointError: the file is not a valid safetensors file.
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 

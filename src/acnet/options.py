@@ -48,7 +48,23 @@ def check_sub_batch(value: Any) -> None:
 
 @dataclass(frozen=True)
 class ACBOptions:
-    """How an ACBlock is built beyond its conv geometry; validated on construction."""
+    """How an ACBlock is built beyond its conv geometry; validated on construction.
+
+    Attributes:
+        horizontal: the 1×d branch.
+        vertical: the d×1 branch.
+        branch_bn: a BatchNorm per branch; False: one BatchNorm after the summed kernels.
+        branch_scale: online ACB: a learnable per-channel scale per branch (needs
+            ``branch_bn=False``).
+        position: where the 1×d / d×1 kernels sit: ``"center"`` (the skeleton) or ``"corner"``.
+        gamma_init: initial BN scale of every branch (or of the branch scales); None: 1.
+        sub_batch: the branch BatchNorms take their statistics from the first N images of each
+            batch (an int) or that fraction of it (a float in (0, 1]) and the block runs one
+            conv over the batch; None: every image (the ACB).
+        affine: affine parameters in the BatchNorms.
+        eps: BatchNorm eps.
+        momentum: BatchNorm momentum (None: cumulative moving average).
+    """
 
     horizontal: bool = field(default=True, metadata=_help("the 1xd branch"))
     vertical: bool = field(default=True, metadata=_help("the dx1 branch"))

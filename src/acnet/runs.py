@@ -18,9 +18,10 @@ from ._text import first_line
 from .analysis import kernel_magnitude, plots, sparsity_study
 from .analysis.kernels import dominant_kernel_size
 from .data import DATASETS, DatasetNotFoundError, ImageData
+from .data.datasets import STREAMED
 from .deploy import deploy
 from .errors import InputError, NonFiniteError
-from .evaluation import evaluate
+from .evaluation import accuracy_by_class, evaluate
 from .export import export_onnx
 from .io import load_deployed
 from .train.config import TrainConfig, build_base_model, build_training_model
@@ -168,9 +169,14 @@ def evaluate_run(path: str | os.PathLike, *, dataset: str | None = None,
         raise InputError(f"{path} was trained on {cfg.in_channels}-channel images with "
                          f"{cfg.num_classes} classes; {cfg.dataset} has {split.in_channels} and "
                          f"{split.num_classes}")
-    acc, _ = evaluate(load_deployed_model(path, device=device), split.loader)
-    return {"run": str(path), "dataset": cfg.dataset, "transform": transform, "test_acc": acc,
-            "test_images": split.images}
+    model = load_deployed_model(path, device=device)
+    out = {"run": str(path), "dataset": cfg.dataset, "transform": transform}
+    if cfg.class_names:  # the classes by name (folder datasets keep their folders' names)
+        acc, per = accuracy_by_class(model, split.loader, len(cfg.class_names))
+        return {**out, "test_acc": acc, "test_images": split.images,
+                "class_acc": dict(zip(cfg.class_names, per, strict=True))}
+    acc, _ = evaluate(model, split.loader)
+    return {**out, "test_acc": acc, "test_images": split.images}
 
 
 def _check_output_file(path: str | os.PathLike, param: str) -> Path:
@@ -242,9 +248,9 @@ def analyze_sparsity(runs: list[str | os.PathLike], ratios: list[float], draws: 
 def _run_data(cfg: TrainConfig, run: Path) -> ImageData:
     """The run's in-memory dataset, training and test split limited as it was trained."""
 
-    if cfg.dataset == "imagenet":
-        raise InputError("INT8 export of an imagenet run needs your calibration loader: call "
-                         "acnet.quantize.quantize_model(model, path, loader) in Python")
+    if cfg.dataset in STREAMED:
+        raise InputError(f"INT8 export of a {cfg.dataset} run needs your calibration loader: "
+                         f"call acnet.quantize.quantize_model(model, path, loader) in Python")
     try:
         data = in_memory_data(cfg)
     except FileNotFoundError as exc:

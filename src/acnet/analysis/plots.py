@@ -107,8 +107,10 @@ def _grid(plt, n: int, width: float = 3.6, height: float = 3.0, cols: int = 3,
 
 
 def training_curves(panels: dict[str, dict[str, dict[str, Any]]], path: str | Path,
-                    title: str = "", labels: dict[str, str] | None = None) -> None:
-    """Accuracy per epoch, one panel per key, ``panels[panel][slug] = {epochs, mean, std}``."""
+                    title: str = "", labels: dict[str, str] | None = None,
+                    ylabel: str = "test accuracy") -> None:
+    """A metric in [0, 1] per epoch (accuracy by default; ``ylabel`` names another, e.g. mIoU),
+    one panel per key, ``panels[panel][slug] = {epochs, mean, std}``."""
     plt = _plt()
     fig, axes = _grid(plt, max(len(panels), 1))
     for ax, (name, lines) in zip(axes, panels.items(), strict=True):
@@ -116,7 +118,7 @@ def training_curves(panels: dict[str, dict[str, dict[str, Any]]], path: str | Pa
             _band(ax, c["epochs"], c["mean"], c["std"], *_style(slug),
                   (labels or {}).get(slug, slug))
         _zoom(ax, lines.values())
-        _accuracy_panel(ax, name, "epoch")
+        _accuracy_panel(ax, name, "epoch", ylabel)
     _legend_below(fig, axes)
     _save(plt, fig, path, title)
 
@@ -145,11 +147,11 @@ def _zoom(ax, curves) -> None:
         ax.set_ylim(low - pad, high + pad)
 
 
-def _accuracy_panel(ax, title: str, xlabel: str) -> None:
+def _accuracy_panel(ax, title: str, xlabel: str, ylabel: str = "test accuracy") -> None:
     """A small-multiple panel's title, axis labels, % ticks and grid."""
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(ylabel)
     _percent(ax)
     ax.grid(alpha=0.3)
 

@@ -1,4 +1,5 @@
-"""Datasets as in-memory uint8 tensors (Fashion-MNIST, CIFAR, synthetic) or ImageFolder."""
+"""Datasets as in-memory uint8 tensors (Fashion-MNIST, CIFAR, synthetic); image folders are
+streamed (folder.py)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DATASETS",
     "FMNIST_DIRS",
+    "STREAMED",
     "DatasetNotFoundError",
     "ImageData",
     "check_data_dir",
     "load_dataset",
 ]
 
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic")
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic", "folder")
+STREAMED = ("imagenet", "folder")  # image folders read from disk while training (folder.py)
 FMNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 
 
@@ -94,6 +97,8 @@ _HINTS = {
     "cifar10": "give the directory holding the extracted CIFAR python archive (data_dir), or "
                "download it (download=True)",
     "imagenet": "give a directory with train/ and val/ ImageFolders (data_dir)",
+    "folder": "give the directory of your images (DIR/train and DIR/val, or DIR/<class>/ "
+              "folders)",
 }
 _HINTS["cifar100"] = _HINTS["cifar10"]
 
@@ -202,7 +207,8 @@ def synthetic(num_train: int = 2048, num_test: int = 512, *, channels: int = 3, 
 
 def load_dataset(name: str, data_dir: str | None = None, download: bool = False, *,
                  train: bool = True) -> ImageData:
-    """Load a small dataset into memory by name (``imagenet`` is streamed: see folder.py).
+    """Load a small dataset into memory by name (``imagenet`` and ``folder`` are streamed: see
+    folder.py).
 
     ``train=False`` may skip reading the training split where its statistics are not needed
     (Fashion-MNIST); a ``data_dir`` that does not exist is an error for every dataset.
@@ -216,6 +222,6 @@ def load_dataset(name: str, data_dir: str | None = None, download: bool = False,
         return load_cifar(name, data_dir, download)
     if name == "synthetic":
         return synthetic()
-    if name == "imagenet":
-        raise InputError("imagenet is streamed from an ImageFolder: use acnet.data.folder")
+    if name in STREAMED:
+        raise InputError(f"{name} is streamed from an image folder: use acnet.data.folder")
     raise InputError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

@@ -334,7 +334,7 @@ def report(res: FinetuneResults, out: Path) -> Path:
     lines = [
         "# Fine-tuning with ACNet", "",
         f"Command: `{res.command}`", "",
-        f"{st.model} on {st.dataset}. Sources: trained on classes "
+        f"This study fine-tunes {st.model} on {st.dataset}. Sources: trained on classes "
         f"{', '.join(map(str, st.source_classes))} for {st.source_epochs} epochs with the "
         f"preset's recipe, plainly and as an ACNet (deployed back to the plain architecture). "
         f"Fine-tuning: classes {', '.join(map(str, st.target_classes))} (relabelled), a new "

@@ -77,11 +77,11 @@ STUDY_PRESETS: dict[str, StudyPreset] = {
         train={"epochs": 3, "lr": 0.05, "nesterov": True, "augment": False},
         ratios=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), draws=2, analysis_test_limit=1000,
         ablation=False,
-        description="about 14 minutes on 2 idle CPU cores with set-up (11 min 15 s of "
-                    "training, `--jobs 2`): Cifar-quick, baseline vs ACNet, on the full "
-                    "Fashion-MNIST training set (60,000 images), 3 epochs of SGD (Nesterov, lr "
-                    "0.05, cosine, batch 128), no augmentation, 3 seeds; the ablation is in the "
-                    "cpu preset"),
+        description="This quick study trains Cifar-quick as the baseline and as ACNet on the "
+                    "full Fashion-MNIST training set (60,000 images) for 3 epochs of SGD "
+                    "(Nesterov, lr 0.05, cosine, batch 128), no augmentation, 3 seeds; it "
+                    "takes about 14 minutes on 2 idle CPU cores with set-up (11 min 15 s of "
+                    "training, `--jobs 2`); the ablation is in the cpu preset"),
     "cpu": StudyPreset(
         "cpu", "fashion-mnist", ("cifar_quick", "vgg16_quarter", "resnet20"), (0, 1, 2),
         "cifar_quick",
@@ -91,7 +91,8 @@ STUDY_PRESETS: dict[str, StudyPreset] = {
         plateau={"cifar_quick": 60, "vgg16_quarter": 40, "resnet20": 40},
         plateau_comparison=True, ablation_schedule="short", draws=3, analysis_test_limit=2000,
         int8=True,
-        description="three of the paper's CIFAR architectures (Cifar-quick, VGG-16 at a "
+        description="This study trains three of the paper's CIFAR architectures "
+                    "(Cifar-quick, VGG-16 at a "
                     "quarter of its width, ResNet-20) trained on the full Fashion-MNIST training "
                     "set (60,000 images) with the official recipe (SGD momentum 0.9, batch 128, "
                     "lr 0.1, weight decay 1e-4, cosine) on 20-30 epochs instead of 150-400, 3 "
@@ -105,17 +106,20 @@ STUDY_PRESETS: dict[str, StudyPreset] = {
     "paper-cifar10": StudyPreset(
         "paper-cifar10", "cifar10", ("cifar_quick", "vgg16", "resnet56", "wrn16_8",
                                      "densenet40"), (0, 1, 2), "resnet56",
-        description="the paper's CIFAR-10 models with the official settings (GPU)"),
+        description="This study trains the paper's CIFAR-10 models with the official "
+                    "settings (GPU)"),
     "paper-cifar100": StudyPreset(
         "paper-cifar100", "cifar100", ("cifar_quick", "vgg16", "resnet56", "wrn16_8",
                                        "densenet40"), (0, 1, 2), "resnet56",
-        description="the paper's CIFAR-100 models with the official settings (GPU)"),
+        description="This study trains the paper's CIFAR-100 models with the official "
+                    "settings (GPU)"),
     "imagenet-resnet18": StudyPreset(
         "imagenet-resnet18", "imagenet", ("tv:resnet18",), (0,), "tv:resnet18",
         train={"epochs": 90, "batch_size": 256, "lr": 0.1, "weight_decay": 1e-4,
                "warmup_epochs": 5, "workers": 8},
         draws=1,
-        description="torchvision ResNet-18 on ImageNet, 90 epochs (multi-GPU via torchrun)"),
+        description="This study trains torchvision's ResNet-18 on ImageNet for 90 epochs "
+                    "(multi-GPU via torchrun)"),
 }
 
 @dataclass(frozen=True)

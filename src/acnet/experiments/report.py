@@ -15,7 +15,7 @@ from .._text import markdown_table
 from ..analysis.kernels import pattern_mask
 from ..data.loader import TRANSFORMS
 from ..train.config import MODEL_DEFAULTS
-from .figures import curve_panels, draw_figures
+from .figures import LABELS, SCHEDULE_TAGS, curve_panels, draw_figures
 from .presets import (
     ABLATION,
     ACNET,
@@ -258,6 +258,9 @@ def _test_images(preset: StudyPreset) -> str:
     return f"accuracy on the first {n:,} test images" if n else "accuracy on the full test set"
 
 
+SPARSITY_COLUMNS = 6  # fractions shown in the report's table (the figure has every one)
+
+
 def _sparsity(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     """Section: accuracy after sparsifying skeleton, corners, all (and the figure)."""
     lines = ["## Sparsifying the skeleton vs the corners", ""]
@@ -269,13 +272,18 @@ def _sparsity(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     lines += [f"Fraction of the weights at the pattern's positions set to zero at random "
               f"(mean ± std over {preset.draws} draws; one run per group: "
               + ", ".join(f"{t} seed {s}" for t, s in seeds.items())
-              + f"; {_test_images(preset)}).", "", "![sparsity](sparsity.png)", "",
-              "| model | pattern | " + " | ".join(f"{r:g}" for r in ratios) + " |",
-              "|---|---|" + "---|" * len(ratios)]
+              + f"; {_test_images(preset)}).", "", "![sparsity](sparsity.png)", ""]
+    shown = [i for i, r in enumerate(ratios) if i % 2 == 0 or i == len(ratios) - 1] \
+        if len(ratios) > SPARSITY_COLUMNS else list(range(len(ratios)))
+    if len(shown) < len(ratios):
+        lines += ["Accuracy (%) at every other fraction zeroed; every fraction is in "
+                  "`results.json` (`sparsity`):", ""]
+    lines += ["| model | pattern | " + " | ".join(f"{ratios[i]:g}" for i in shown) + " |",
+              "|---|---|" + "---|" * len(shown)]
     for title, study in res["sparsity"].items():
         for pattern, cur in study.items():
             lines.append(f"| {title} | {pattern} | "
-                         + " | ".join(f"{m * 100:.1f}" for m in cur["mean"]) + " |")
+                         + " | ".join(f"{cur['mean'][i] * 100:.1f}" for i in shown) + " |")
     return lines + [""] + ([_pending(missing), ""] if missing else [])
 
 
@@ -366,17 +374,32 @@ def _plateau(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
 def _curves(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     """Section: training curves, mean ± std over seeds (figure)."""
     lines = ["## Training curves", ""]
-    if curve_panels(preset, res, _ablation_runs(preset)):
-        short = " and (dotted) on the short schedule" if preset.short else ""
-        long = ("" if not preset.plateau else " and (dashed) on the long schedule" if
-                preset.plateau_comparison else ", and the baseline on the long schedule "
-                "(dashed, first seed)")
-        lines += [f"One panel per model: baseline and ACNet on the study's schedule{short}"
-                  f"{long}; the ablation variants "
-                  f"({_ablation_runs(preset)}) in the last panels, with ACNet for reference. "
-                  f"Same colour, same variant, in every figure.", "",
-                  "![training curves](training_curves.png)", ""]
-    return [*lines, "Numbers behind every table: `results.json`; per-run directories: " "`runs/`."]
+    panels = curve_panels(preset, res, _ablation_runs(preset))
+    if panels:
+        lines += [_curves_caption(preset, panels), "", "![training curves](training_curves.png)",
+                  ""]
+    return [*lines, "The numbers behind every table are in `results.json`, next to this "
+                    "report."]
+
+
+def _curves_caption(preset: StudyPreset, panels: dict[str, dict[str, Any]]) -> str:
+    """What the training-curve figure shows, read from its panels (only lines it draws)."""
+    models = [p for p in panels if p in preset.models]
+    keys = {k for p in models for k in panels[p]}
+    what = [LABELS[s] for s in (BASE, ACNET) if s in keys]
+    text = (f"Test accuracy after each epoch, mean ± std over seeds: "
+            f"{' and '.join(what)} on the study's schedule, one panel per model "
+            f"({', '.join(models)})")
+    for tag, style, name in ((SCHEDULE_TAGS[SHORT], "dotted", "short"),
+                             (SCHEDULE_TAGS[LONG], "dashed", "long")):
+        on = [LABELS[s] for s in (BASE, ACNET) if s + tag in keys]
+        if on:
+            text += f"; {style}: {' and '.join(on)} on the {name} schedule"
+    extra = [p for p in panels if p not in models]
+    if extra:
+        text += (f"; then {len(extra)} panel{'s' if len(extra) > 1 else ''} of the ablation "
+                 f"variants ({_ablation_runs(preset)}), with ACNet for reference")
+    return text + "."
 
 
 def write_report(preset: StudyPreset, out: Path, res: dict[str, Any]) -> Path:

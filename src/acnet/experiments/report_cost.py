@@ -59,20 +59,24 @@ def inference_cost_section(preset: StudyPreset, res: dict[str, Any]) -> list[str
     """Section: params, MACs and latency of the deployed models."""
     lines = ["## Inference cost", "",
              "Deployed with conv-BN folded, batch 1, median CPU latency interleaved in one "
-             "process, measured when the report is written; the 1-minute load average before / "
-             "after shows whether other work (a study still training) shared the CPU.", "",
-             "| model | params base | params ACNet deployed | params ACNet training | MACs base "
-             "| MACs ACNet deployed | latency base ms | latency ACNet ms | load |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "process, measured when the report is written. \"Same as the baseline\" checks "
+             "that the deployed ACNet has the baseline's parameters and multiply-accumulates; "
+             "the 1-minute load average before / after the timing (last column) shows whether "
+             "other work (a study still training) shared the CPU.", "",
+             "| model | params | MACs | deployed ACNet: same as the baseline? "
+             "| params while training ACNet | latency ms: baseline / ACNet | load |",
+             "|---|---|---|---|---|---|---|"]
     missing = []
     for model in preset.models:
         c = res["cost"].get(model)
         if c is None:
             missing += pending_runs(res, model, (BASE, ACNET), MAIN)
             continue
-        lines.append(f"| {model} | {c['params_base']:,} | {c['params_acnet_deployed']:,} | "
-                     f"{c['params_acnet_training']:,} | {c['macs_base']:,} | "
-                     f"{c['macs_acnet_deployed']:,} | {c['latency_ms_base']:.3f} | "
+        same = (c["params_acnet_deployed"] == c["params_base"]
+                and c["macs_acnet_deployed"] == c["macs_base"])
+        lines.append(f"| {model} | {c['params_base']:,} | {c['macs_base']:,} | "
+                     f"{'yes' if same else 'NO: ' + str(c['params_acnet_deployed'])} | "
+                     f"{c['params_acnet_training']:,} | {c['latency_ms_base']:.3f} / "
                      f"{c['latency_ms_acnet']:.3f} | {_load_cell(c)} |")
     if not res["cost"]:
         return [*lines[:2], _pending(missing), ""]
@@ -110,15 +114,17 @@ def training_cost_section(preset: StudyPreset, res: dict[str, Any]) -> list[str]
               f"ratios to the conv-BN baseline are the cost; the 1-minute load average before "
               f"/ after shows whether other work shared the machine (remeasure by deleting "
               f"`cost_bench.json`).", "",
-              "| model | batch | baseline ms/step | ACNet | online ACNet | no branch BN | load "
-              "| wall-clock s/epoch: baseline / ACNet / online (as it happened) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| model | batch | baseline ms/step | ACNet | online ACNet | no branch BN | load |",
+              "|---|---|---|---|---|---|---|"]
     for model, r in bench.items():
         q = r["ratio"]
         lines.append(f"| {model} | {r['batch']} | {r['ms']['base']:.1f} | {q['acb']:.2f}× | "
                      f"{q.get('acb_online', float('nan')):.2f}× | "
-                     f"{q.get('acb_no_branch_bn', float('nan')):.2f}× | {_load_cell(r)} | "
-                     f"{_wall_clock(res, model)} |")
-    return [*lines, "", "The wall-clock column is the runs' own training time per epoch (mean "
-                        "over runs), measured while other runs or work may have shared the CPU: "
-                        "context, not the cost.", ""]
+                     f"{q.get('acb_no_branch_bn', float('nan')):.2f}× | {_load_cell(r)} |")
+    lines += ["", "For context, not cost: the runs' own training time per epoch as it happened "
+              "(mean over runs, while other runs or work may have shared the CPU):", "",
+              "| model | baseline s/epoch | ACNet s/epoch | online ACNet s/epoch |",
+              "|---|---|---|---|"]
+    for model in bench:
+        lines.append(f"| {model} | " + " | ".join(_wall_clock(res, model).split(" / ")) + " |")
+    return [*lines, ""]

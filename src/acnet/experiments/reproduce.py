@@ -21,7 +21,7 @@ from ..errors import InputError
 from ..runs import load_deployed_model, run_test_split
 from ..train import RunDir, TrainConfig, build_base_model
 from ..train.config import resolve, settings_diff
-from . import cheap, dense, finetune
+from . import cheap, compare, dense, finetune
 from .presets import (
     ABLATION,
     ACNET,
@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 # studies with their own run matrix and report (the module has run() and summary())
-OTHER_STUDIES = {"finetune": finetune, "dense": dense, "cheap": cheap}
+OTHER_STUDIES = {"finetune": finetune, "dense": dense, "cheap": cheap, "compare": compare}
 PRESET_NAMES = (*STUDY_PRESETS, *OTHER_STUDIES)
 
 COST_BENCH = "cost_bench.json"  # the training-step benchmark of each model, in the study dir
@@ -78,8 +78,8 @@ def _training_command(out: Path, command: str | None) -> str | None:
 
 def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
               data_dir: str | None = None, analyze: bool = True, command: str | None = None,
-              seeds: tuple[int, ...] | None = None, jobs: int = 1, train_runs: bool = True
-              ) -> Path:
+              seeds: tuple[int, ...] | None = None, jobs: int = 1, train_runs: bool = True,
+              settings: dict[str, Any] | None = None) -> Path:
     """Run (or resume) every run of the preset under ``out/runs``, then write ``out/report.md``.
 
     ``command``: the command line to quote in the report (default: an equivalent one).
@@ -87,13 +87,38 @@ def reproduce(preset_name: str, out: str | Path, *, device: str = "auto",
     processes splitting the CPU threads (on 2 CPU cores 2 jobs train about 1.1-1.3× faster), by
     the study's priority and then the longest expected run first (`longest_first`).
     ``train_runs=False``: train nothing; report on the runs finished so far (a study in
-    progress).
+    progress). ``settings``: the ``compare`` preset's model, dataset, epochs, forms and recipe
+    (see `acnet.experiments.compare.compare_study`); no other preset takes any.
+
+    Args:
+        preset_name: ``quick``, ``cpu``, ``paper-cifar10``..., ``cheap``, ``finetune``,
+            ``dense`` or ``compare``.
+        out: the study directory (rerunning resumes).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        data_dir: where the dataset is.
+        analyze: also run the analyses (kernel magnitude, sparsity...) where the preset has them.
+        command: the command line the report quotes.
+        seeds: other seeds than the preset's.
+        jobs: runs trained at once.
+        train_runs: False: train nothing, write the report of the finished runs.
+        settings: the compare preset's settings (``model`` required; ``dataset``, ``epochs``,
+            ``batch_size``, ``forms`` and recipe fields such as ``lr``, ``init_from``,
+            ``image_size``, ``val_fraction``).
+
+    Returns:
+        The path of the study's ``report.md``.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise InputError(f"jobs must be a positive integer, got {jobs!r}", params=("jobs",))
     _check_study_dir(Path(out), preset_name)
     if not train_runs:
         command = _training_command(Path(out), command)
+    if settings and preset_name != "compare":
+        raise InputError(f"{', '.join(sorted(settings))} apply to the compare preset; preset "
+                         f"{preset_name!r} has its own settings", params=tuple(sorted(settings)))
+    if preset_name == "compare":
+        return compare.run(out, workers=jobs, device=device, data_dir=data_dir, seeds=seeds,
+                           train_runs=train_runs, command=command or "", settings=settings)
     if preset_name in OTHER_STUDIES:
         return OTHER_STUDIES[preset_name].run(out, workers=jobs, device=device,
                                               data_dir=data_dir, seeds=seeds,

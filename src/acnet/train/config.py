@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from ..convert import convert
+from ..data.datasets import STREAMED
 from ..errors import InputError
 from ..models import build_model, check_model_name
 from ..options import BRANCH_INITS, PRESERVE_OPTIONS, TRAIN_OPTIONS, ACBOptions, check_sub_batch
@@ -52,14 +53,74 @@ RUNTIME_FIELDS = {"device", "quiet", "workers", "data_dir", "download"}
 # step: gradients 1e-3 apart in relative terms), so a run resumed with the other setting would
 # reproduce neither run; --resume refuses the switch instead of mixing them silently
 # filled from the dataset at run time
-DATA_FIELDS = {"in_channels", "num_classes", "input_size"}
+DATA_FIELDS = {"in_channels", "num_classes", "input_size", "class_names"}
+# None means "from the images" (folder datasets): a resume takes the run's values, so None
+# there differs from nothing
+AUTO_FIELDS = {"mean", "std"}
 # fields of earlier versions' config.json, dropped when read (``extra`` was never used)
 DEPRECATED_FIELDS = {"extra"}
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run; ``None`` fields are filled from the presets."""
+    """Everything that defines a training run; ``None`` fields are filled from the presets.
+
+    Each field is also an ``acnet train`` flag (``batch_size`` is ``--batch-size``).
+
+    Attributes:
+        model: a built-in (``cifar_quick``, ``vgg16``, ``vgg16_quarter``, ``resnet20/56/110``,
+            ``wrn16_8``, ``densenet40``), ``tv:NAME`` or ``timm:NAME``.
+        dataset: ``fashion-mnist``, ``cifar10``, ``cifar100``, ``synthetic``, ``folder`` (your
+            images in ``data_dir``) or ``imagenet``.
+        block: ``acb`` (train as ACNet, deploy the original architecture) or ``base``.
+        epochs: epochs (None: the model's preset: 150 for cifar_quick, 400 for the other
+            CIFAR models, 90 for ``tv:``/``timm:``).
+        batch_size: images per step, over all processes.
+        optimizer: ``sgd`` or ``adamw``.
+        lr: peak learning rate of the cosine schedule (None: the preset's).
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum.
+        weight_decay: weight decay (None: the preset's).
+        warmup_epochs: linear warm-up epochs before the cosine schedule.
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+        augment: random crop and flip of training images (folders: random resized crop).
+        seed: seed of initialisation, shuffling and augmentation.
+        train_limit: train on N images (the first N; of a folder, N drawn by a fixed seed).
+        test_limit: test on N images.
+        classes: train and test on these classes of an in-memory dataset, relabelled 0..k-1.
+        init_from: start from trained weights: a run directory, a deployed .safetensors or a
+            state_dict file of the same architecture.
+        new_head: with ``init_from``: re-initialise the classifier even if its shape fits.
+        branch_init: with ``init_from`` and ``acb``: ``zero`` or ``small`` new branches.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        amp: bf16 autocast on CUDA.
+        channels_last: train in the channels_last memory format.
+        compile: train and evaluate under ``torch.compile``.
+        horizontal: ACBlock option: the 1×d branch.
+        vertical: ACBlock option: the d×1 branch.
+        branch_bn: ACBlock option: a BatchNorm per branch.
+        branch_scale: ACBlock option: the online form's branch scales.
+        position: ACBlock option: ``center`` or ``corner``.
+        gamma_init: ACBlock option: initial BatchNorm scale (None: 1/3 with branch BN).
+        sub_batch: ACBlock option: branch statistics from the first N images or that
+            fraction of each batch.
+        sync_bn: SyncBatchNorm under DDP.
+        data_dir: where the dataset is (default: the usual places).
+        download: download the dataset if missing.
+        workers: DataLoader workers of folder datasets.
+        image_size: folder datasets: the side of the square crops (None: imagenet 224;
+            folder the images' median shorter side, at most 224).
+        val_fraction: folder datasets in ``DIR/<class>/`` layout: the share of each class held
+            out for testing, by a fixed seed.
+        mean: per-channel normalisation mean (None: from the training images of a folder,
+            the dataset's own otherwise).
+        std: per-channel normalisation std (as ``mean``).
+        quiet: no progress bar.
+        in_channels: filled from the data at run time.
+        num_classes: filled from the data at run time.
+        input_size: filled from the data at run time.
+        class_names: filled from a folder dataset's class folders at run time.
+    """
 
     model: str = "resnet20"
     dataset: str = "fashion-mnist"
@@ -99,12 +160,21 @@ class TrainConfig:
     data_dir: str | None = None
     download: bool = False
     workers: int = 4
-    image_size: int = 224
+    # folder datasets: the side images are cropped to (None: imagenet 224; folder: the images'
+    # median shorter side, at most 224)
+    image_size: int | None = None
+    # folder datasets in DIR/<class>/ layout: the share of each class held out for testing
+    val_fraction: float = 0.1
+    # per-channel normalisation of folder datasets (None: from the training images; ImageNet's
+    # for imagenet) and of in-memory ones (None: the dataset's)
+    mean: list[float] | None = None
+    std: list[float] | None = None
     quiet: bool = False
     # filled from the dataset at run time, so the model can be rebuilt from config.json alone
     in_channels: int | None = None
     num_classes: int | None = None
     input_size: int | None = None
+    class_names: list[str] | None = None
 
     @property
     def schedule(self) -> tuple[int, float, float]:
@@ -119,7 +189,7 @@ class TrainConfig:
         if self.in_channels is None or self.num_classes is None:
             raise InputError("config lacks in_channels/num_classes (not a finished acnet run "
                              "config)")
-        return self.in_channels, self.num_classes, self.input_size or self.image_size
+        return self.in_channels, self.num_classes, self.input_size or self.image_size or 224
 
     def to_json(self) -> str:
         """Indented JSON with sorted keys."""
@@ -159,10 +229,6 @@ def _check_choices(cfg: TrainConfig) -> None:
     if cfg.block == "base" and cfg.gamma_init is not None:
         raise InputError(f"gamma_init={cfg.gamma_init} sets the BN scale of ACBlocks: it needs "
                          f"block='acb', got block='base'", params=("gamma_init", "block"))
-    if not cfg.augment and cfg.dataset == "imagenet":
-        raise InputError("augment=False applies to the in-memory datasets; imagenet's training "
-                         "transforms are fixed (random resized crop and flip)",
-                         params=("augment",))
     if cfg.branch_scale and (cfg.branch_bn or cfg.block != "acb"):
         raise InputError("branch_scale (online ACB) needs block='acb' and branch_bn=False",
                          params=("branch_scale", "block", "branch_bn"))
@@ -189,9 +255,10 @@ def _check_choices(cfg: TrainConfig) -> None:
 def _check_finetune(cfg: TrainConfig) -> None:
     """The options of starting from trained weights, and of class subsets."""
     if cfg.classes is not None:
-        if cfg.dataset == "imagenet":
-            raise InputError("classes selects classes of the in-memory datasets, not imagenet",
-                             params=("classes",))
+        if cfg.dataset in STREAMED:
+            raise InputError(f"classes selects classes of the in-memory datasets, not of "
+                             f"{cfg.dataset}: point data_dir at a folder with only the class "
+                             f"folders you want", params=("classes",))
         if not isinstance(cfg.classes, list) or not cfg.classes or not all(
                 isinstance(c, int) and not isinstance(c, bool) for c in cfg.classes):
             raise InputError(f"classes must be a non-empty list of class indices, got "
@@ -215,12 +282,35 @@ def _check_finetune(cfg: TrainConfig) -> None:
                          f"needs block='acb'", params=("branch_init", "block"))
 
 
+def _check_data(cfg: TrainConfig) -> None:
+    """The image-folder settings: crop size, held-out share, normalisation."""
+    _positive_int(cfg, "image_size", optional=True)
+    f = cfg.val_fraction
+    if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f < 1:
+        raise InputError(f"val_fraction must be a number in (0, 1), got {f!r}",
+                         params=("val_fraction",))
+    for name in ("mean", "std"):
+        v = getattr(cfg, name)
+        if v is None:
+            continue
+        if not isinstance(v, list | tuple) or not v or not all(
+                isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+                for x in v):
+            raise InputError(f"{name} must be a list of numbers, one per image channel (or "
+                             f"one for all), got {v!r}", params=(name,))
+    if cfg.std is not None and min(cfg.std) <= 0:
+        raise InputError(f"std must be positive, got {cfg.std}", params=("std",))
+    if (cfg.mean is None) != (cfg.std is None) and cfg.dataset not in STREAMED:
+        raise InputError("give mean and std together", params=("mean", "std"))
+
+
 def _check(cfg: TrainConfig) -> None:
     """Validate a resolved config; InputError naming the bad parameter."""
     for name in ("epochs", "batch_size"):
         _positive_int(cfg, name)
     for name in ("train_limit", "test_limit"):
         _positive_int(cfg, name, optional=True)
+    _check_data(cfg)
     _check_choices(cfg)
     _check_finetune(cfg)
     epochs, lr, weight_decay = cfg.schedule
@@ -246,8 +336,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     for key in ("epochs", "lr", "weight_decay"):
         if values[key] is None:
             values[key] = preset[key]
-    if values["classes"] is not None:
-        values["classes"] = list(values["classes"])
+    for key in ("classes", "mean", "std"):
+        if isinstance(values[key], tuple):
+            values[key] = list(values[key])
     fresh = cfg.init_from is None
     if values["gamma_init"] is None and cfg.block == "acb" and cfg.branch_bn and fresh:
         values["gamma_init"] = 1 / 3
@@ -261,7 +352,8 @@ def settings_diff(mine: TrainConfig, theirs: TrainConfig) -> dict[str, tuple[Any
     as the device and the data location are not compared)."""
     a, b = dataclasses.asdict(mine), dataclasses.asdict(theirs)
     return {k: (a[k], b.get(k)) for k in a
-            if k not in RUNTIME_FIELDS | DATA_FIELDS and a[k] != b.get(k)}
+            if k not in RUNTIME_FIELDS | DATA_FIELDS and a[k] != b.get(k)
+            and not (k in AUTO_FIELDS and a[k] is None)}
 
 
 def build_base_model(cfg: TrainConfig) -> nn.Module:

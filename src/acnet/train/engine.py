@@ -20,8 +20,15 @@ from ..deploy import deploy
 from ..errors import InputError, NonFiniteError
 from ..evaluation import compare_models, count_params, evaluate
 from . import distributed as dist_utils
-from .config import TrainConfig, build_base_model, build_training_model, resolve, settings_diff
-from .data import Split, in_memory_data, test_split, train_split
+from .config import (
+    AUTO_FIELDS,
+    TrainConfig,
+    build_base_model,
+    build_training_model,
+    resolve,
+    settings_diff,
+)
+from .data import Split, fill_data_fields, open_data, test_split, train_split
 from .init_from import load_source, read_source
 from .progress import Progress
 from .rundir import RunDir, RunDirError
@@ -72,10 +79,29 @@ def _check_out(run: RunDir, cfg: TrainConfig, resume: bool) -> None:
 
 
 def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False) -> dict[str, Any]:
-    """Train per ``cfg`` into run directory ``out``; returns the final metrics (metrics.json)."""
+    """Train per ``cfg`` into run directory ``out``; returns the final metrics (metrics.json).
+
+    Args:
+        cfg: the run's settings (``None`` fields are filled from the presets).
+        out: the run directory to create, or to continue with ``resume``.
+        resume: continue the run in ``out`` from its last checkpoint (same settings).
+
+    Returns:
+        The final metrics: test accuracy of the trained and the deployed model, their largest
+        output difference, parameter counts, time.
+
+    Raises:
+        ValueError: a bad setting (the message names it), or ``out`` already holds a run
+            (``resume`` not given) or another run's settings.
+    """
     cfg = resolve(cfg)
     run = RunDir(out)
     _check_out(run, cfg, resume)
+    if resume:  # what the run took from its images (folder normalisation) is kept as it was
+        saved = run.read_config()
+        for name in AUTO_FIELDS:
+            if getattr(cfg, name) is None:
+                setattr(cfg, name, getattr(saved, name))
     done = run.read_metrics()
     if done is not None:
         log.info("%s is finished; nothing to resume", run.path)
@@ -179,11 +205,10 @@ def _setup(cfg: TrainConfig, run: RunDir, info: dist_utils.DistInfo, fresh: bool
     The run directory is created once data and model are ready, so bad input leaves none.
     """
     torch.manual_seed(cfg.seed)
-    data = in_memory_data(cfg)
+    data = open_data(cfg)
     tr = train_split(cfg, info.device, rank=info.rank, world=info.world, data=data)
     te = test_split(cfg, info.device, data=data)
-    cfg.in_channels, cfg.num_classes, cfg.input_size = tr.in_channels, tr.num_classes, \
-        tr.input_size
+    fill_data_fields(cfg, tr, data)
     model = _build_model(cfg, info, fresh)
     if info.main:
         run.prepare()
