@@ -219,3 +219,14 @@ def test_compare_settings_are_checked_before_anything_runs(tmp_path):
     assert study.forms == ("base", "online", "acb") and study.run_name(
         "tv:resnet18", "acb", 0) == "tv_resnet18-acb-s0"
     assert (study.in_channels, study.image) == (3, 32) and study.equal_compute == "baseline"
+
+
+def test_resume_takes_the_runs_automatic_settings():
+    """Runs of earlier versions stored image_size=224 (the old default) for every dataset; a
+    rerun that leaves it to the dataset resumes them, one that names another size is refused."""
+    from acnet.train.config import TrainConfig, settings_diff
+    old = TrainConfig(model="cifar_quick", dataset="fashion-mnist", image_size=224,
+                      mean=[0.3], std=[0.35])
+    assert settings_diff(TrainConfig(model="cifar_quick", dataset="fashion-mnist"), old) == {}
+    assert settings_diff(TrainConfig(model="cifar_quick", dataset="fashion-mnist",
+                                     image_size=64), old) == {"image_size": (64, 224)}

@@ -54,9 +54,10 @@ RUNTIME_FIELDS = {"device", "quiet", "workers", "data_dir", "download"}
 # reproduce neither run; --resume refuses the switch instead of mixing them silently
 # filled from the dataset at run time
 DATA_FIELDS = {"in_channels", "num_classes", "input_size", "class_names"}
-# None means "from the images" (folder datasets): a resume takes the run's values, so None
-# there differs from nothing
-AUTO_FIELDS = {"mean", "std"}
+# None means "from the images" (folder datasets) or "the dataset's default": a resume takes the
+# run's values, so None there differs from nothing (runs of earlier versions stored
+# image_size=224, the old default, for every dataset)
+AUTO_FIELDS = {"mean", "std", "image_size"}
 # fields of earlier versions' config.json, dropped when read (``extra`` was never used)
 DEPRECATED_FIELDS = {"extra"}
 
