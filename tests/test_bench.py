@@ -32,6 +32,8 @@ def test_bench_compiled_and_online_variants_at_two_batches(monkeypatch):
     table = format_table(res)
     assert "under torch.compile" in table and "online ACB" in table
     assert "unfused / deployed" in table
+    assert res["ops_per_block"]["cpu"]["base"] == {"train": 5, "eval": 2}
+    assert "training forward + backward" in table
 
 
 @pytest.mark.parametrize("batch", ["0", "64,x", ""])
@@ -52,3 +54,38 @@ def test_bench_training_in_the_studys_format(channels_last):
                        channels_last=channels_last)
     assert r["channels_last"] is channels_last and r["ratio"]["base"] == 1.0
     assert all(v > 0 for v in r["ms"].values())
+
+
+def test_ops_per_block_stay_few():
+    """The compute ops each form dispatches per block (what an eager GPU launches): the unfused
+    eval fold from one stack of the branch statistics and no layout copy, the sub-batch form's
+    statistics in few ops. Bounds at this version's counts: more ops is a regression."""
+    from acnet.bench import ops_per_block
+
+    ops = ops_per_block()
+    assert ops["base"] == {"train": 5, "eval": 2}  # conv, BN, their backwards, the BN counter
+    assert ops["acb"]["eval"] <= 12 and ops["acb_online"]["eval"] <= 11
+    assert ops["acb"]["train"] <= 19 and ops["acb_sub4"]["train"] <= 73
+    assert ops["acb_sub4"]["eval"] == ops["acb"]["eval"]
+
+
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("cin", [1, 3])
+def test_merged_kernel_is_built_in_the_kernels_layout(fmt, cin):
+    """merge_kernels gives the square kernel's strides without a copy in both layouts (also
+    with one input channel, where the shape cannot tell the layout), and the same values."""
+    from acnet.analysis.cost import count_kernels
+    from acnet.fusion import merge_kernels, tap_indices
+
+    torch.manual_seed(0)
+    ws = [torch.randn(4, cin, *s).contiguous(memory_format=fmt) for s in ((3, 3), (1, 3), (3, 1))]
+    scales = [torch.rand(4) for _ in ws]
+    taps = tap_indices(3, [(1, 3, 1, 0), (3, 1, 0, 1)])
+    out: list[torch.Tensor] = []
+    ops = count_kernels(lambda: out.append(merge_kernels(ws, taps, scales)))
+    assert "copy_" not in ops and "clone" not in ops
+    assert out[0].stride() == ws[0].stride()
+    ref = ws[0] * scales[0].view(-1, 1, 1, 1)
+    ref[:, :, 1:2, :] += ws[1] * scales[1].view(-1, 1, 1, 1)
+    ref[:, :, :, 1:2] += ws[2] * scales[2].view(-1, 1, 1, 1)
+    torch.testing.assert_close(out[0], ref, rtol=0, atol=1e-6)

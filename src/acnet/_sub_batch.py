@@ -109,11 +109,10 @@ class _Moments(torch.autograd.Function):
         means, variances, centred = [], [], []
         for z in zs:
             z = z.to(dtype)
-            n = z.numel() // z.shape[1]
-            mean = z.sum((0, 2, 3)) / n
+            mean = z.mean((0, 2, 3))
             zc = z - mean.view(1, -1, 1, 1)
             means.append(mean)
-            variances.append((zc * zc).sum((0, 2, 3)) / n)
+            variances.append((zc * zc).mean((0, 2, 3)))
             centred.append(zc)
         ctx.save_for_backward(*centred)
         ctx.in_dtypes = [z.dtype for z in zs]
@@ -122,30 +121,31 @@ class _Moments(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_mean: Tensor, grad_var: Tensor) -> tuple[Tensor | None, ...]:
+        n = ctx.saved_tensors[0].numel() // ctx.saved_tensors[0].shape[1]  # same for all
+        grad_mean, grad_var = grad_mean / n, grad_var * (2 / n)  # every branch in one op each
         grads: list[Tensor | None] = [None]
         for b, (zc, dtype) in enumerate(zip(ctx.saved_tensors, ctx.in_dtypes, strict=True)):
-            n = zc.numel() // zc.shape[1]
-            scale = (grad_var[b] * (2 / n)).view(1, -1, 1, 1)
-            grads.append(torch.addcmul((grad_mean[b] / n).view(1, -1, 1, 1), zc, scale
-                                       ).to(dtype))
+            grads.append(torch.addcmul(grad_mean[b].view(1, -1, 1, 1), zc,
+                                       grad_var[b].view(1, -1, 1, 1)).to(dtype))
         return tuple(grads)
 
 
 def _affine(norms: list[Any], dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
-    """Stacked (γ, β), each (branches, C), or None for norms without affine parameters."""
+    """Stacked (γ, β), each (branches, C), from one ``stack``, or None for norms without affine
+    parameters (a norm without them among norms with them counts as γ 1, β 0)."""
     if all(n.weight is None for n in norms):
         return None, None
-    ones = torch.ones_like(norms[0].running_var)
-    gamma = torch.stack([ones if n.weight is None else n.weight for n in norms]).to(dtype)
-    beta = torch.stack([ones * 0 if n.bias is None else n.bias for n in norms]).to(dtype)
+    ref = norms[0].running_var
+    values = [torch.ones_like(ref) if n.weight is None else n.weight for n in norms]
+    values += [torch.zeros_like(ref) if n.bias is None else n.bias for n in norms]
+    gamma, beta = torch.stack(values).to(dtype).view(2, len(norms), -1).unbind(0)
     return gamma, beta
 
 
 @torch.no_grad()
 def _update_running(norms: list[Any], mean: Tensor, var: Tensor) -> None:
     """Each norm's running statistics, as BatchNorm2d updates them in training mode."""
-    for n in norms:
-        n.num_batches_tracked.add_(1)
+    torch._foreach_add_([n.num_batches_tracked for n in norms], 1)
     momenta = [n.momentum for n in norms]
     ref = norms[0].running_mean
     means = list(mean.to(ref.dtype).unbind(0))

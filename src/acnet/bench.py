@@ -21,7 +21,7 @@ from ._compat import eager_ceil_mode_avg_pools
 from ._env import load_average, machine
 from ._files import save_json
 from ._text import markdown_table
-from .analysis.cost import latency_ratio, time_interleaved
+from .analysis.cost import count_kernels, latency_ratio, time_interleaved
 from .block import ACBlock
 from .convert import convert
 from .deploy import deploy
@@ -30,7 +30,8 @@ from .models import build_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TRAINING_VARIANTS", "StraightforwardACB", "format_table", "run_bench"]
+__all__ = ["TRAINING_VARIANTS", "StraightforwardACB", "format_table", "ops_per_block",
+           "run_bench"]
 
 
 class StraightforwardACB(nn.Module):
@@ -159,6 +160,43 @@ def bench_training(model_name: str, device: torch.device, batch: int, repeats: i
     return out
 
 
+def ops_per_block(device: torch.device | str = "cpu", *, channels: int = 16, batch: int = 32,
+                  image: int = 16) -> dict[str, dict[str, int]]:
+    """Compute ops one 3×3 conv-BN block dispatches in each training variant: a training step's
+    forward and backward (``train``) and an eval-mode forward (``eval``; unfused: the fold of
+    the branches is computed per call, as it must be while the weights change). An eager GPU
+    launches about one kernel per op, so on small maps (launch-bound) cost follows this count;
+    it is the same on every device. Views and allocations are not counted."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                          nn.BatchNorm2d(channels))
+    variants = {k: plain if opts is None else convert(plain, preserve=False, **opts)
+                for k, opts in TRAINING_VARIANTS.items()}
+    variants["straightforward_acb"] = _straightforward(variants["acb"])
+    x = torch.randn(batch, channels, image, image, device=device
+                    ).contiguous(memory_format=torch.channels_last)
+    out: dict[str, dict[str, int]] = {}
+    for name, m in variants.items():
+        m = copy.deepcopy(m).to(device).to(memory_format=torch.channels_last).train()
+        inp = x.clone().requires_grad_()
+        m(inp)  # first call: anything built once is built before counting
+
+        def step(m: nn.Module = m, inp: torch.Tensor = inp) -> None:
+            m(inp).sum().backward()
+
+        def infer(m: nn.Module = m) -> None:
+            with torch.no_grad():
+                m(x)
+
+        train = count_kernels(step)
+        m.eval()
+        ev = count_kernels(infer)
+        # the loss's own sum and its gradient seed are not the block's
+        out[name] = {"train": sum(train.values()) - 2, "eval": sum(ev.values())}
+    return out
+
+
 def bench_inference(model_name: str, device: torch.device, batch: int, repeats: int,
                     warmup: int) -> dict[str, Any]:
     """Eval latency: baseline (conv-BN folded) vs ACNet deployed (fold_bn) vs unfused ACNet."""
@@ -222,6 +260,7 @@ def run_bench(*, models: tuple[str, ...] = ("resnet20", "resnet56", "cifar_quick
             r = bench_inference(models[0], device, b, max(repeats, 10) * (5 if b == 1 else 1),
                                 warmup)
             result["inference"].append({**r, "device": dev})
+    result["ops_per_block"] = {dev: ops_per_block(dev) for dev in devs}
     if conversion:
         result["conversion"] = bench_conversion()
     return result
@@ -289,12 +328,29 @@ def _memory_table(res: dict[str, Any]) -> list[str]:
                               *(f"{r['peak_mib'][k]:.0f}" for k in names)] for r in rows])]
 
 
+def _ops_table(res: dict[str, Any]) -> list[str]:
+    """Compute ops per 3×3 block (forward + backward of a training step; eval forward)."""
+    by_device = res.get("ops_per_block")
+    if not by_device:
+        return []
+    names = {"base": "conv-BN (baseline)", "acb": "ACB", "acb_no_branch_bn": "ACB no branch BN",
+             "acb_online": "online ACB", "acb_sub4": "sub-batch 1/4", "acb_sub8": "sub-batch 1/8",
+             "straightforward_acb": "straightforward ACB"}
+    rows = [[dev, names.get(k, k), v["train"], v["eval"]]
+            for dev, ops in by_device.items() for k, v in ops.items()]
+    return ["", "Compute ops per 3×3 block (views and allocations not counted; an eager GPU "
+                "launches about one kernel each): a training step's forward and backward, and "
+                "an unfused eval forward:", "",
+            *markdown_table(["device", "form", "training forward + backward", "eval forward"],
+                            rows)]
+
+
 def format_table(res: dict[str, Any]) -> str:
     """Markdown tables of a ``run_bench`` result (load: 1-minute load average before/after
     each row's timing)."""
     lines = [f"Machine: {res['machine']}; medians of {res['repeats']} interleaved repeats.", "",
              *_training_table(res), *_compiled_table(res), *_inference_table(res),
-             *_memory_table(res)]
+             *_memory_table(res), *_ops_table(res)]
     c = res.get("conversion")
     if c:
         lines += ["", f"convert() {c['model']}: {c['convert_s']:.2f} s; deploy(): "

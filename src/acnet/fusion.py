@@ -82,6 +82,11 @@ def tap_indices(size: int, placements: list[tuple[int, int, int, int]]) -> Tenso
     return torch.tensor(out, dtype=torch.long)
 
 
+def _flat_taps(kernel: Tensor, nhwc: bool) -> Tensor:
+    """(O, taps, I) of a channels_last kernel (a view), else (O, I, taps)."""
+    return kernel.permute(0, 2, 3, 1).flatten(1, 2) if nhwc else kernel.flatten(2)
+
+
 def merge_kernels(
     kernels: list[Tensor], taps: Tensor, scales: list[Tensor] | None = None
 ) -> Tensor:
@@ -92,16 +97,27 @@ def merge_kernels(
     branch (None: all 1). One ``index_add`` per extra branch (each position once: exact and
     deterministic), so the graph stays small forward and backward. The result has the strides
     of ``kernels[0]``: a channels_last model gets a channels_last kernel, even with one input
-    channel, where the layout cannot be told from the shape and a conv would fall back to NCHW.
+    channel, where the layout cannot be told from the shape and a conv would fall back to NCHW;
+    a channels_last kernel is merged in that layout (taps as dim 1), so no copy is made.
     """
     first = kernels[0]
-    out = first if scales is None else first * scales[0].view(-1, 1, 1, 1)
-    out = out.flatten(2)
+    o, i, h, w = first.shape
+    stride = first.stride()
+    # a channels_last kernel (whose layout is not also the contiguous one) merges in its layout
+    nhwc = (stride[0] == h * w * i and stride[1] == 1 and stride[2] == w * i and stride[3] == i
+            and not (h * w == 1 and i == 1))
+    dim = 1 if nhwc else 2
+    out = _flat_taps(first, nhwc)
+    if scales is not None:
+        out = out * scales[0].view(-1, 1, 1)
     for b in range(1, len(kernels)):
-        k = kernels[b] if scales is None else kernels[b] * scales[b].view(-1, 1, 1, 1)
-        out = out.index_add(2, taps[b - 1], k.flatten(2))
-    out = out.reshape(first.shape)
-    if out.stride() != first.stride():
+        k = _flat_taps(kernels[b], nhwc)
+        if scales is not None:
+            k = k * scales[b].view(-1, 1, 1)
+        out = out.index_add(dim, taps[b - 1], k)
+    # back to (O, I, d, d) with the strides of kernels[0]: no copy in either layout
+    out = out.view(o, h, w, i).permute(0, 3, 1, 2) if nhwc else out.reshape(first.shape)
+    if out.stride() != first.stride():  # any other layout: copied into it
         out = torch.empty_like(first, dtype=out.dtype).copy_(out)
     return out
 

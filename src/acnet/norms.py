@@ -37,6 +37,7 @@ _FROZEN = ("FrozenBatchNorm2d", "FrozenBatchNormAct2d")
 # functions below read their statistics by name (duck typing), so they take Any
 Norm = Any
 _STATS = ("weight", "bias", "running_mean", "running_var")
+_STATS_AND_AFFINE = ("running_mean", "running_var", "weight", "bias")  # _stacked order
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -155,24 +156,27 @@ def scale_shift(norms: list[Norm], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     if len({n.eps for n in norms}) > 1:
         eps = torch.tensor([[n.eps] for n in norms], dtype=dtype,
                            device=first.running_var.device)
-    mean, var = _stack(norms, "running_mean", dtype), _stack(norms, "running_var", dtype)
-    if mean is None or var is None:  # _check_running_stats refused these already
+    mean, var, weight, bias = _stacked(norms, dtype)
+    return bn_scale_shift(mean, var, eps, weight, bias)
+
+
+def _stacked(norms: list[Norm], dtype: torch.dtype
+             ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Running mean and variance, weight and bias of several norms, each (B, C) in ``dtype``
+    (None: no norm has that parameter), from one ``stack``: one kernel for all of them."""
+    names = [n for n in _STATS_AND_AFFINE if any(getattr(m, n, None) is not None for m in norms)]
+    if len(norms) == 1:  # views, no kernel, unless the dtype changes
+        parts = [getattr(norms[0], n).to(dtype).unsqueeze(0) for n in names]
+    else:
+        ref = norms[0].running_var
+        values = [v if (v := getattr(m, n, None)) is not None
+                  else torch.full_like(ref, 1.0 if n == "weight" else 0.0)
+                  for n in names for m in norms]
+        parts = list(torch.stack(values).to(dtype).view(len(names), len(norms), -1).unbind(0))
+    got = dict(zip(names, parts, strict=True))
+    if "running_mean" not in got or "running_var" not in got:  # refused before: never here
         raise InputError("cannot fold norms without running statistics")
-    return bn_scale_shift(mean, var, eps, _stack(norms, "weight", dtype),
-                          _stack(norms, "bias", dtype))
-
-
-def _stack(norms: list[Norm], name: str, dtype: torch.dtype) -> Tensor | None:
-    """One statistic or affine parameter of several norms as a (B, C) tensor in ``dtype``."""
-    values = [getattr(n, name, None) for n in norms]
-    if all(v is None for v in values):
-        return None
-    if len(values) == 1 and values[0] is not None:
-        return values[0].to(dtype).unsqueeze(0)
-    fill = 1.0 if name == "weight" else 0.0
-    ref = norms[0].running_var
-    return torch.stack([torch.full_like(ref, fill) if v is None else v
-                        for v in values]).to(dtype)
+    return got["running_mean"], got["running_var"], got.get("weight"), got.get("bias")
 
 
 def as_batchnorm2d(bn: Norm) -> nn.BatchNorm2d:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,7 +15,8 @@ from torch import nn
 from ..errors import InputError
 from ..evaluation import count_params
 
-__all__ = ["count_macs", "count_params", "eval_mode", "latency_ratio", "time_interleaved"]
+__all__ = ["count_kernels", "count_macs", "count_params", "eval_mode", "latency_ratio",
+           "time_interleaved"]
 
 
 @contextlib.contextmanager
@@ -27,6 +30,35 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in saved:
             m.training = mode
+
+
+# dispatched ops that launch no kernel: tensor allocation, dtype arithmetic, autograd detaching
+_NO_KERNEL = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "detach",
+                        "promote_types", "lift_fresh", "alias", "_unsafe_view"})
+
+
+def count_kernels(fn: Callable[[], object]) -> Counter[str]:
+    """The compute ops ``fn()`` dispatches, by ATen name: every op that reads or writes tensor
+    data (views, allocations and dtype arithmetic left out), forward and any backward ``fn`` runs.
+
+    The count is what an eager GPU launches per call (about one kernel per op; a few ops launch
+    two), the same on every device, so a CPU measures it.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: Counter[str] = Counter()
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            name = func.overloadpacket.__name__
+            if not func.is_view and name not in _NO_KERNEL:
+                counts[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return counts
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
