@@ -244,7 +244,7 @@ def _kernels(preset: StudyPreset, res: dict[str, Any]) -> list[str]:
     lines += ["Σ|w| per kernel position of every BN-folded d×d kernel of the deployed model, "
               "normalized per layer and averaged (paper Fig. 6), averaged over seeds.", "",
               "![kernel magnitude](kernel_magnitude.png)", ""]
-    for k, m in mats.items():
+    for k, m in sorted(mats.items(), key=lambda km: km[0] != "base"):  # the baseline first
         d = m.shape[0]
         lines.append(f"- {k}: centre {m[d // 2, d // 2].item():.3f}, skeleton mean "
                      f"{_pattern_mean(m, 'skeleton'):.3f}, corner mean "
