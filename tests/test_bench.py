@@ -89,3 +89,24 @@ def test_merged_kernel_is_built_in_the_kernels_layout(fmt, cin):
     ref[:, :, 1:2, :] += ws[1] * scales[1].view(-1, 1, 1, 1)
     ref[:, :, :, 1:2] += ws[2] * scales[2].view(-1, 1, 1, 1)
     torch.testing.assert_close(out[0], ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "tpu"], "device must be cpu, cuda or cuda:N, got 'tpu' (set by --device)"),
+    (["--models", "resnet21"], "unknown model 'resnet21'"),
+    (["--models", ","], "models is empty"),
+])
+def test_bench_bad_input_is_one_line(capsys, args, message):
+    from acnet.cli import main
+
+    assert main(["bench", *args, "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_bench_on_cuda_without_one_is_one_line(capsys):
+    from acnet.cli import main
+
+    assert main(["bench", "--device", "cuda", "--repeats", "1"]) == 2
+    assert "no CUDA device is available (set by --device)" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from .block import ACBlock
 from .convert import convert
 from .deploy import deploy
 from .errors import InputError
-from .models import build_model
+from .models import build_model, check_model_name
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +245,17 @@ def run_bench(*, models: tuple[str, ...] = ("resnet20", "resnet56", "cifar_quick
     if repeats < 1 or not batches or min(batches) < 1:
         raise InputError(f"repeats and batch must be >= 1, got {repeats} and {batch}")
     devs = devices or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
+    for dev in devs:
+        if dev != "cpu" and dev != "cuda" and not dev.startswith("cuda:"):
+            raise InputError(f"device must be cpu, cuda or cuda:N, got {dev!r}",
+                             params=("devices",))
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError(f"device {dev} was requested but no CUDA device is available",
+                             params=("devices",))
+    if not models:
+        raise InputError("models is empty: name at least one model to time", params=("models",))
+    for m in models:
+        check_model_name(m)
     result: dict[str, Any] = {"machine": machine(), "repeats": repeats, "warmup": warmup,
                               "training": [], "inference": []}
     for dev in devs:

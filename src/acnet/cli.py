@@ -177,7 +177,7 @@ def flag_of(param: str) -> str:
     return f"--{'no-' if off else ''}{param.replace('_', '-')}"
 
 
-_FLAG_NAMES = {"onnx_path": "--onnx"}  # parameters whose flag is not their name
+_FLAG_NAMES = {"onnx_path": "--onnx", "devices": "--device"}  # flag is not the name
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
@@ -279,7 +279,8 @@ COMMANDS: dict[str, Command] = {
                        cmd_analyze),
     "reproduce": Command("run a study's matrix and write its report", add_reproduce,
                          cmd_reproduce),
-    "bench": Command("ACB training cost and deployed inference, as ratios", add_bench,
+    "bench": Command("training cost of each ACB form and deployed inference, as ratios; "
+                     "compute ops per block", add_bench,
                      cmd_bench),
 }
 

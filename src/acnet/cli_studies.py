@@ -162,7 +162,8 @@ def add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or cpu,cuda (default: all available)")
     p.add_argument("--no-conversion", action="store_true", help="skip the resnet50 timing")
     p.add_argument("--compile", action="store_true",
-                   help="also time base, ACB and online ACB under torch.compile")
+                   help="also time base, ACB, online ACB and sub-batch 1/4 under "
+                        "torch.compile")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="train in NCHW (default: channels_last, as acnet train does)")
     p.add_argument("--out", help="JSON file to write")
