@@ -230,3 +230,81 @@ def test_resume_takes_the_runs_automatic_settings():
     assert settings_diff(TrainConfig(model="cifar_quick", dataset="fashion-mnist"), old) == {}
     assert settings_diff(TrainConfig(model="cifar_quick", dataset="fashion-mnist",
                                      image_size=64), old) == {"image_size": (64, 224)}
+
+
+def test_sixteen_bit_and_float_grayscale_keep_their_range(tmp_path):
+    """16-bit and float images are scaled to 8 bits, not clipped at 255 (white) or 1 (black)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for kind in ("i16", "f"):
+        root = tmp_path / kind
+        for c in ("a", "b"):
+            (root / c).mkdir(parents=True)
+            for i in range(4):
+                v = rng.uniform(0.1, 0.9, (8, 8))
+                img = (Image.fromarray((v * 65535).astype(np.uint16)) if kind == "i16"
+                       else Image.fromarray(v.astype(np.float32), "F"))
+                img.save(root / c / f"{i}.{'png' if kind == 'i16' else 'tif'}")
+        spec = open_folder("folder", str(root))
+        assert spec.channels == 1 and 0.4 < spec.mean[0] < 0.6 and spec.std[0] > 0.1, kind
+
+
+def test_resume_with_workers_is_bit_exact(tmp_path, gray_split, monkeypatch):
+    """Worker seeds come from (seed, epoch): a run stopped after epoch 1 and resumed ends with
+    the weights of the run that was not stopped, with DataLoader workers augmenting."""
+    import torch
+
+    from acnet.train import engine
+
+    def cfg():
+        return TrainConfig(model="cifar_quick", dataset="folder", data_dir=str(gray_split),
+                           epochs=2, batch_size=16, workers=2, quiet=True, image_size=16)
+
+    train(cfg(), tmp_path / "a")
+    real = engine._epoch
+
+    def stop_at_second(r, net, epoch, tb):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        real(r, net, epoch, tb)
+
+    monkeypatch.setattr(engine, "_epoch", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(), tmp_path / "b")
+    monkeypatch.setattr(engine, "_epoch", real)
+    train(cfg(), tmp_path / "b", resume=True)
+    a, b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=False)["model"]
+            for r in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_model_that_cannot_take_the_images_is_one_clear_error(tmp_path, gray_split, capsys):
+    rc, _, err = _cli(capsys, "train", "--model", "cifar_quick", "--dataset", "folder",
+                      "--data-dir", gray_split, "--image-size", 4, "--epochs", 1,
+                      "--batch-size", 4, "--workers", 0, "--out", tmp_path / "r")
+    assert rc == 2 and "cifar_quick cannot take 1x4x4 images" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"channels": 2}, "channels must be 1 (grayscale), 3 (RGB)"),
+    ({"image_size": -3}, "image_size must be a positive integer"),
+    ({"mean": 0.5, "std": [0.5]}, "mean must be a list of numbers"),
+])
+def test_open_folder_refuses_bad_arguments(gray_split, kw, message):
+    import re
+
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        open_folder("folder", str(gray_split), **kw)
+
+
+def test_an_error_in_a_dataloader_worker_keeps_its_message():
+    from acnet.cli import _message
+
+    exc = InputError("Caught InputError in DataLoader worker process 0.\nOriginal Traceback "
+                     "(most recent call last):\n  File \"x.py\", line 1, in f\nacnet.errors."
+                     "InputError: none of the 2 images can be read (the first: a/2.png)")
+    assert _message(exc) == "none of the 2 images can be read (the first: a/2.png)"
+    assert _message(InputError("one line\nmore")) == "one line"

@@ -252,6 +252,13 @@ def run_bench(*, models: tuple[str, ...] = ("resnet20", "resnet56", "cifar_quick
         if dev.startswith("cuda") and not torch.cuda.is_available():
             raise InputError(f"device {dev} was requested but no CUDA device is available",
                              params=("devices",))
+        try:
+            index = torch.device(dev).index
+        except RuntimeError:
+            index = -1
+        if index is not None and not 0 <= index < torch.cuda.device_count():
+            raise InputError(f"device {dev}: this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s), numbered from 0", params=("devices",))
     if not models:
         raise InputError("models is empty: name at least one model to time", params=("models",))
     for m in models:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -324,6 +325,19 @@ def _given(flag: str, argv: list[str]) -> bool:
     return any(arg.split("=", 1)[0] in (f"--{bare}", f"--no-{bare}") for arg in argv)
 
 
+def _message(exc: BaseException) -> str:
+    """The first line of an error; for one re-raised from a DataLoader worker ("Caught X in
+    DataLoader worker process N", then the worker's traceback), the worker's own message."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    if "in DataLoader worker process" in lines[0]:
+        found = re.match(r"[\w.]+: (.+)$", lines[-1].strip())
+        if found:
+            return found.group(1)
+    return lines[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``acnet`` command; ``argv`` defaults to this process's command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -341,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if a.verbose:
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = _message(exc)
         params = getattr(exc, "params", ())
         if params:
             given = [f"set by {f}" if _given(f, argv) else f"{f}'s default"

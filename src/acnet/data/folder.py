@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError, require
+from ..errors import InputError, InputTypeError, require
 from .datasets import DatasetNotFoundError, check_data_dir
 from .loader import apply_transform
 
@@ -45,7 +45,10 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm", ".pbm")
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+# grayscale deeper than 8 bits: integers read as 16-bit data (÷65535), floats as [0, 1] values
+DEEP_GRAY = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0,
+             "I": 65535.0, "F": 1.0}
+GRAY_MODES = ("1", "L", "LA", *DEEP_GRAY)
 SPLIT_SEED = 0  # the class-wise train/val split and the limited subsets; never the run's seed
 PROBE_IMAGES = 200  # images whose mode and size decide channels and the automatic image size
 STATS_IMAGES = 1000  # training images whose pixels give the mean and std
@@ -96,6 +99,13 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
+def _unreadable() -> tuple[type[Exception], ...]:
+    """What a file Pillow cannot (or will not: an image over its pixel limit) read raises."""
+    from PIL import Image
+
+    return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def _readable(path: str) -> bool:
     """Whether an image reader accepts the file's header (cheap: nothing is decoded)."""
     from PIL import Image
@@ -104,7 +114,7 @@ def _readable(path: str) -> bool:
         with Image.open(path) as img:
             img.size  # noqa: B018 (the header is parsed on open; size proves it)
         return True
-    except (OSError, ValueError, SyntaxError):
+    except _unreadable():
         return False
 
 
@@ -220,7 +230,19 @@ def _load(path: str, mode: str) -> Any:
     from PIL import Image
 
     with Image.open(path) as img:
+        if img.mode in DEEP_GRAY:  # Pillow's convert("L") would clip these at 255
+            return _deep_gray_to_l(img, DEEP_GRAY[img.mode]).convert(mode)
         return img.convert(mode)
+
+
+def _deep_gray_to_l(img: Any, full_scale: float) -> Any:
+    """An 8-bit grayscale image of a 16-bit, 32-bit or float one: value / full_scale, clipped to
+    [0, 1], times 255."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(img, dtype=np.float64) / full_scale
+    return Image.fromarray(np.rint(np.clip(a, 0.0, 1.0) * 255).astype(np.uint8), "L")
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -242,7 +264,7 @@ class ImageFiles(torch.utils.data.Dataset):
             path, label = self.samples[(i + k) % n]
             try:
                 img = _load(path, self.mode)
-            except (OSError, ValueError, SyntaxError) as exc:
+            except _unreadable() as exc:
                 log.warning("skipping unreadable image %s (%s)", path, exc)
                 continue
             return self.transform(img), label
@@ -304,7 +326,7 @@ def _probe_images(samples: list[tuple[str, int]]) -> tuple[int, int]:
             with Image.open(path) as img:
                 modes.add(img.mode)
                 sides.append(min(img.size))
-        except (OSError, ValueError, SyntaxError):
+        except _unreadable():
             continue
     if not sides:
         raise InputError("none of the sampled training images can be read", params=("data_dir",))
@@ -342,6 +364,17 @@ def open_folder(name: str, root: str | None, *, val_fraction: float = 0.1,
     if defaults is None:
         raise InputError(f"{name!r} is not a folder dataset; choose one of "
                          f"{', '.join(DEFAULTS)}", params=("dataset",))
+    if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
+        raise InputError(f"channels must be 1 (grayscale), 3 (RGB) or None (from the images), "
+                         f"got {channels!r}", params=("channels",))
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or image_size < 1):
+        raise InputError(f"image_size must be a positive integer or None (from the images), got "
+                         f"{image_size!r}", params=("image_size",))
+    for what, v in (("mean", mean), ("std", std)):
+        if v is not None and not isinstance(v, list | tuple):
+            raise InputTypeError(f"{what} must be a list of numbers (one per channel, or one for "
+                                 f"all), got {v!r}", params=(what,))
     check_data_dir(root, dataset=name)
     if root is None:
         if defaults.default_dir is None:
@@ -381,15 +414,20 @@ class FolderLoader:
     """Wrap a DataLoader so it moves batches to the device and reshuffles per epoch."""
 
     def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device,
-                 images: int = 0) -> None:
+                 images: int = 0, seed: int | None = None) -> None:
         self.loader = loader
         self.device = device
         self.images = images  # how many images one pass yields
+        self.seed = seed
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch's order and its workers' random augmentation, from (seed, epoch) alone: a
+        resumed run draws what the uninterrupted one drew (workers start anew each epoch)."""
         sampler = self.loader.sampler
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        if self.loader.generator is not None and self.seed is not None:
+            self.loader.generator.manual_seed(_epoch_seed(self.seed, epoch) + 1)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -397,6 +435,10 @@ class FolderLoader:
     def __iter__(self):
         for x, y in self.loader:
             yield (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
 
 
 class _EpochSampler(torch.utils.data.Sampler):
@@ -412,7 +454,7 @@ class _EpochSampler(torch.utils.data.Sampler):
         return self.n
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
@@ -430,10 +472,12 @@ def folder_train_loader(spec: FolderSpec, batch_size: int, *, device: torch.devi
     sampler: torch.utils.data.Sampler = (
         torch.utils.data.distributed.DistributedSampler(data, world, rank, seed=seed)
         if world > 1 else _EpochSampler(len(data), seed))
+    # the workers' seeds come from this generator, re-seeded per epoch (set_epoch), never
+    # from the global RNG, so an epoch's augmentation does not depend on where a run started
     loader = torch.utils.data.DataLoader(data, per_rank, sampler=sampler, num_workers=workers,
                                          pin_memory=device.type == "cuda", drop_last=True,
-                                         persistent_workers=workers > 0)
-    return FolderLoader(loader, device, len(samples))
+                                         generator=torch.Generator().manual_seed(seed))
+    return FolderLoader(loader, device, len(samples), seed=seed + 1_000_003 * rank)
 
 
 def folder_test_loader(spec: FolderSpec, batch_size: int, *, device: torch.device,
@@ -446,5 +490,6 @@ def folder_test_loader(spec: FolderSpec, batch_size: int, *, device: torch.devic
     data = ImageFiles(samples, spec.channels,
                       _eval_transform(spec.image_size, spec.mean, spec.std, transform))
     loader = torch.utils.data.DataLoader(data, batch_size, shuffle=False, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(0))
     return FolderLoader(loader, device, len(samples))

@@ -210,11 +210,28 @@ def _setup(cfg: TrainConfig, run: RunDir, info: dist_utils.DistInfo, fresh: bool
     te = test_split(cfg, info.device, data=data)
     fill_data_fields(cfg, tr, data)
     model = _build_model(cfg, info, fresh)
+    _check_input_size(model, cfg, info.device)
     if info.main:
         run.prepare()
     opt = _optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, len(tr.loader)))
     return _Run(cfg, run, info, tr, te, model, opt, sched, count_params(model))
+
+
+def _check_input_size(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+    """One image of the run's shape through the model (eval mode, no grad): a network that
+    shrinks it to nothing is one clear error before anything is written, not a crash."""
+    from ..analysis.cost import eval_mode
+
+    c, _, size = cfg.data_shape
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(torch.zeros(1, c, size, size, device=device))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{cfg.model} cannot take {c}x{size}x{size} images ({first}); give "
+                         f"larger images (--image-size for an image folder)",
+                         params=("image_size",)) from exc
 
 
 def _restore(r: _Run) -> None:
