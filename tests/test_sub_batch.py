@@ -286,3 +286,38 @@ def test_cheap_study_measures_costs_with_the_runs_threads(tmp_path):
     assert set(costs["cifar_quick"]) == set(cheap.FORMS) and costs["cifar_quick"]["base"] == 1.0
     saved = json.loads((tmp_path / cheap.COST_BENCH).read_text())
     assert saved["threads"] == 1 and saved["ratios"] == costs
+
+
+def test_cheap_report_gives_no_share_of_a_gain_within_noise():
+    """Where ACNet's own gain is within seed noise (vgg16_quarter in the committed study) a
+    cheaper form's 'share' of it is meaningless (it read −940 %): none is given, the report says
+    why, the answer names the best form at equal compute without one, and a single seed's
+    accuracy is marked as one seed rather than '± 0.00'."""
+    from acnet.experiments import cheap
+
+    study = cheap.CheapStudy(epochs={"m": 4}, seeds=(0, 1, 2))
+    accs = {("base", 4): (0.920, 0.925, 0.918), ("acb", 4): (0.922, 0.921, 0.921),
+            ("sub4", 4): (0.915, 0.920, 0.917), ("sub8", 4): (0.910, 0.915, 0.912),
+            ("online", 4): (0.921, 0.924, 0.919), ("acb", 2): (0.90, 0.91, 0.905),
+            ("sub4", 3): (0.912, 0.914, 0.913), ("sub8", 3): (0.916,)}
+
+    def runs(form, e, xs):
+        return [cheap.RunResult(f"m-{form}-e{e}-s{s}", s, e, a, 0.0, 1.0, 1.0)
+                for s, a in enumerate(xs)]
+
+    costs = {"m": {"base": 1.0, "acb": 2.0, "sub4": 1.5, "sub8": 1.3, "online": 1.0}}
+    res = cheap.CheapResults(study, costs, {("m", f, e): runs(f, e, xs)
+                                            for (f, e), xs in accs.items()}, [], "cmd")
+    assert res.gain("m", "acb").verdict == "no"
+    assert all(res.share("m", f) is None for f in ("sub4", "sub8", "online"))
+    table = "\n".join(cheap._epochs_table(res, "m"))
+    assert " %" not in table.split("\n\n")[0]
+    assert "no share of it is given" in table
+    assert "91.60 (one seed)" in "\n".join(cheap._compute_table(res, "m"))
+    answer = cheap._answer_cheap(res)
+    assert "best at equal compute: online (1.00x, " in answer and "% of" not in answer
+    # a gain beyond noise keeps the share
+    res.runs[("m", "acb", 4)] = runs("acb", 4, (0.930, 0.934, 0.929))
+    assert res.gain("m", "acb").verdict == "yes, better"
+    assert res.share("m", "online") == pytest.approx(
+        (0.9213333 - 0.921) / (0.931 - 0.921), rel=1e-3)

@@ -217,10 +217,10 @@ class CheapResults:
         return compare(self.accs(model, BASE), self.accs(model, form, epochs))
 
     def share(self, model: str, form: str) -> float | None:
-        """The form's gain as a share of ACNet's, at equal epochs (None without a positive
-        ACNet gain or without runs)."""
+        """The form's gain as a share of ACNet's, at equal epochs (None without runs, or when
+        ACNet's own gain is not beyond seed noise: a share of noise means nothing)."""
         acb, f = self.gain(model, ACNET), self.gain(model, form)
-        if not acb.paired or not f.paired or not acb.gain > 0:
+        if not f.paired or acb.verdict != "yes, better":
             return None
         return f.gain / acb.gain
 
@@ -290,6 +290,11 @@ def _verdict(c: Comparison) -> str:
             "no": "within seed noise", "n/a": "n/a (fewer than 2 seeds)"}[c.verdict]
 
 
+def _acc(xs: list[float]) -> str:
+    """Test accuracy in percent: mean ± std over seeds, or the one seed's value, said so."""
+    return f"{100 * xs[0]:.2f} (one seed)" if len(xs) == 1 else pm(xs)
+
+
 def _per_seed(c: Comparison) -> str:
     return ", ".join(signed(d) for d in c.paired.values()) or "—"
 
@@ -302,16 +307,21 @@ def _epochs_table(res: CheapResults, model: str) -> list[str]:
         c = res.gain(model, slug)
         share = res.share(model, slug) if slug not in (BASE, ACNET) else None
         rows.append([SHORT_LABELS[slug], f"{res.costs[model][slug]:.2f}x",
-                     pm(list(accs.values())),
+                     _acc(list(accs.values())),
                      "—" if slug == BASE else f"{signed(c.gain)} ({_per_seed(c)})",
-                     "100 %" if slug == ACNET and c.paired and c.gain > 0 else
+                     "100 %" if slug == ACNET and c.verdict == "yes, better" else
                      ("—" if share is None else f"{100 * share:.0f} %"),
                      "—" if slug == BASE else _verdict(c)])
     headers = ["form", "step cost", "test acc. (%)", "gain (per seed)", "share of ACNet's gain",
                "vs baseline"]
     if ACNET not in res.study.forms:
         headers, rows = headers[:4] + headers[5:], [r[:4] + r[5:] for r in rows]
-    return markdown_table(headers, rows)
+    lines = markdown_table(headers, rows)
+    acb = res.gain(model, ACNET)
+    if ACNET in res.study.forms and len(acb.paired) >= 2 and acb.verdict != "yes, better":
+        lines += ["", "ACNet's own gain is not beyond seed noise here, so no share of it is "
+                  "given (a share of noise means nothing)."]
+    return lines
 
 
 def _compute_table(res: CheapResults, model: str) -> list[str]:
@@ -329,10 +339,10 @@ def _compute_table(res: CheapResults, model: str) -> list[str]:
         verdict = _verdict(c) if c.paired else "pending"
         if lengthen:
             rows.append([SHORT_LABELS[slug], f"{ratio:.2f}x", f"{e}", f"{e / (e0 * ratio):.2f}",
-                         pm(list(accs.values())), gain, verdict])
+                         _acc(list(accs.values())), gain, verdict])
         else:
             rows.append([SHORT_LABELS[slug], f"{e}", f"{e * ratio / e0:.2f}",
-                         pm(list(accs.values())), gain, verdict])
+                         _acc(list(accs.values())), gain, verdict])
     if lengthen:
         return markdown_table(["form", "its step cost", "baseline epochs at its compute",
                                "baseline's compute (the form's = 1)",
@@ -362,16 +372,16 @@ def _answer_cheap(res: CheapResults) -> str:
             continue
         text = f"{model}: ACNet {signed(acb.gain)} points at {res.costs[model][ACNET]:.2f}x " \
                f"the step ({_verdict(acb)})"
-        cheaper = tuple(f for f in res.study.forms if f not in (BASE, ACNET)
-                        and res.share(model, f) is not None)
+        cheaper = tuple(f for f in res.study.forms if f not in (BASE, ACNET))
         best = _best_at_compute(res, model, cheaper)
         if best:
             slug, eq, _ = best
-            share = res.share(model, slug) or 0.0
+            share = res.share(model, slug)
+            kept = "" if share is None else \
+                f", {100 * share:.0f} % of ACNet's gain at equal epochs"
             text += (f"; best at equal compute: {SHORT_LABELS[slug]} "
-                     f"({res.costs[model][slug]:.2f}x, {100 * share:.0f} % of ACNet's gain at "
-                     f"equal epochs, {signed(eq.gain)} at the baseline's compute: "
-                     f"{_verdict(eq)})")
+                     f"({res.costs[model][slug]:.2f}x{kept}, {signed(eq.gain)} at the "
+                     f"baseline's compute: {_verdict(eq)})")
         parts.append(text)
     if not parts:
         return "No model has finished baseline and ACNet runs on two seeds yet."
