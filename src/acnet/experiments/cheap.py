@@ -379,9 +379,11 @@ def _answer_cheap(res: CheapResults) -> str:
             share = res.share(model, slug)
             kept = "" if share is None else \
                 f", {100 * share:.0f} % of ACNet's gain at equal epochs"
-            text += (f"; best at equal compute: {SHORT_LABELS[slug]} "
-                     f"({res.costs[model][slug]:.2f}x{kept}, {signed(eq.gain)} at the "
-                     f"baseline's compute: {_verdict(eq)})")
+            what = (f"{SHORT_LABELS[slug]} at {res.costs[model][slug]:.2f}x the step{kept}; "
+                    f"{signed(eq.gain)} at the baseline's compute, {_verdict(eq)}")
+            text += (f"; best at equal compute: {what}" if eq.verdict == "yes, better" else
+                     f"; at the baseline's compute no cheaper form beats it beyond seed noise "
+                     f"(closest: {what})")
         parts.append(text)
     if not parts:
         return "No model has finished baseline and ACNet runs on two seeds yet."
