@@ -138,3 +138,27 @@ def test_no_link_leaves_the_site(site):
             elif url.scheme or url.netloc:
                 bad.append(f"{page.relative_to(site)}: {href}")
     assert not bad, "\n".join(bad[:20])
+
+
+def test_every_file_the_docs_link_is_committed():
+    """A report's figure that exists in the working tree but was never committed builds here
+    and fails on a clean clone (it did once: results/cheap/curves.png); check against git."""
+    import re
+
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    tracked = set(subprocess.run(["git", "ls-files", "docs"], cwd=ROOT, capture_output=True,
+                                 text=True, check=True).stdout.splitlines())
+    missing = []
+    for md in sorted((ROOT / "docs").rglob("*.md")):
+        rel_md = md.relative_to(ROOT).as_posix()
+        if rel_md not in tracked:
+            continue
+        for target in re.findall(r"\]\(([^)\s#]+)", md.read_text(encoding="utf-8")):
+            if urlparse(target).scheme or target.startswith("/"):
+                continue
+            path = os.path.normpath(os.path.join(os.path.dirname(rel_md), target))
+            if path.startswith("docs/") and path not in tracked and not any(
+                    t.startswith(path.rstrip("/") + "/") for t in tracked):
+                missing.append(f"{rel_md} -> {target}")
+    assert not missing, f"linked from the docs but not committed: {missing}"
