@@ -539,3 +539,13 @@ def test_golden_report_from_the_committed_quick_study(tmp_path):
 
     path = write_report(presets.STUDY_PRESETS["quick"], tmp_path, res)
     assert path.read_text() == (root / "tests/golden/quick_report.md").read_text()
+
+
+def test_every_form_of_the_cheap_and_compare_studies_has_a_colour_of_its_own():
+    """The cheap study's curves once drew sub-batch 1/4 and 1/8 in the same grey."""
+    from acnet.analysis import plots
+    from acnet.experiments import cheap
+
+    colours = plots.VARIANT_COLOURS
+    assert len(set(colours.values())) == len(colours)  # one colour per slug
+    assert set(cheap.FORMS) <= set(colours)

@@ -288,7 +288,7 @@ def test_cheap_study_measures_costs_with_the_runs_threads(tmp_path):
     assert saved["threads"] == 1 and saved["ratios"] == costs
 
 
-def test_cheap_report_gives_no_share_of_a_gain_within_noise():
+def test_cheap_report_gives_no_share_of_a_gain_within_noise(tmp_path, monkeypatch):
     """Where ACNet's own gain is within seed noise (vgg16_quarter in the committed study) a
     cheaper form's 'share' of it is meaningless (it read −940 %): none is given, the report says
     why, the answer names the best form at equal compute without one, and a single seed's
@@ -323,3 +323,24 @@ def test_cheap_report_gives_no_share_of_a_gain_within_noise():
     assert res.gain("m", "acb").verdict == "yes, better"
     assert res.share("m", "online") == pytest.approx(
         (0.9213333 - 0.921) / (0.931 - 0.921), rel=1e-3)
+    # the gain-against-cost figure colours each form as every other figure does
+    from acnet.analysis import plots
+
+    seen = {}
+    monkeypatch.setattr(plots, "gain_panels",
+                        lambda panels, path, **kw: seen.update(kw.get("colours") or {}))
+    cheap._figures(res, tmp_path)
+    assert seen == {cheap.SHORT_LABELS[f]: plots.VARIANT_COLOURS[f] for f in cheap.FORMS}
+
+
+def test_cheap_results_name_the_machine_that_measured_the_costs(tmp_path):
+    """A report-only rewrite on another machine keeps the machine of cost_bench.json (the one
+    whose step costs the report quotes) in results.json."""
+    from acnet._env import machine
+    from acnet.experiments import cheap
+
+    assert cheap._bench_machine(tmp_path) == machine()  # no costs measured: this machine
+    (tmp_path / cheap.COST_BENCH).write_text(json.dumps({"machine": {"cpu": "the other one"}}))
+    assert cheap._bench_machine(tmp_path) == {"cpu": "the other one"}
+    (tmp_path / cheap.COST_BENCH).write_text("{not json")
+    assert cheap._bench_machine(tmp_path) == machine()

@@ -18,10 +18,12 @@ __all__ = ["LONG_TAG", "SHORT_TAG", "VARIANT_COLOURS", "VARIANT_STYLES", "gain_p
            "scene_samples",
            "sparsity_curves", "sparsity_panels", "training_curves"]
 
-# one colour per variant slug, in every figure (colour-blind-safe Okabe-Ito palette + grey)
+# one colour per variant slug, in every figure (colour-blind-safe: the Okabe-Ito palette, then
+# two of Paul Tol's for the sub-batch forms; grey for anything else)
 VARIANT_COLOURS: dict[str, str] = {
     "base": "#000000", "acb": "#D55E00", "hor": "#56B4E9", "ver": "#009E73",
-    "nobn": "#CC79A7", "online": "#0072B2", "corner": "#E69F00"}
+    "nobn": "#CC79A7", "online": "#0072B2", "corner": "#E69F00",
+    "sub4": "#882255", "sub8": "#44AA99"}
 SHORT_TAG = "@short"  # a slug with this suffix: the variant on a shorter schedule, dotted
 LONG_TAG = "@long"  # a slug with this suffix: the variant on a longer schedule, dashed
 ZOOM_QUANTILE = 0.05  # share of band edges a zoomed panel may leave off at each end

@@ -440,7 +440,9 @@ def _figures(res: CheapResults, out: Path) -> list[str]:
         if points:
             panels[f"{model}, {res.study.epochs[model]} epochs"] = points
     if panels:
-        plots.gain_panels(panels, out / FIGURE, xlabel="training step cost (baseline = 1)")
+        plots.gain_panels(panels, out / FIGURE, xlabel="training step cost (baseline = 1)",
+                          colours={SHORT_LABELS[s]: plots.VARIANT_COLOURS[s]
+                                   for s in res.study.forms})
         lines += [f"![gain against cost]({FIGURE})", "",
                   "*Gain of each form over the baseline at equal epochs (points: mean over "
                   "seeds; dots: each seed) against its training step cost.*", ""]
@@ -565,8 +567,19 @@ def run(out: str | Path, *, workers: int = 1, device: str = "auto", data_dir: st
                    overrides={"device": device, "data_dir": data_dir})
     res = collect(study, out, costs, command=command)
     path = report(res, out)
-    save_json(out / RESULTS, {**to_json(res), "answer": answer(res)})
+    save_json(out / RESULTS, {**to_json(res), "machine": _bench_machine(out),
+                              "answer": answer(res)})
     return path
+
+
+def _bench_machine(out: Path) -> dict[str, Any]:
+    """The machine that measured the costs (cost_bench.json), which a report-only rewrite on
+    another machine must not replace; this one where the file does not name it."""
+    try:
+        kept = json.loads((out / COST_BENCH).read_text()).get("machine")
+    except (OSError, ValueError, AttributeError):
+        kept = None
+    return kept if isinstance(kept, dict) else machine()
 
 
 def answer(res: CheapResults) -> str:
