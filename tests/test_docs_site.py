@@ -109,6 +109,8 @@ def test_api_reference_lists_parameters(site):
                    "fast_eval"):
         assert needle in api, needle
     assert api.count("Parameters:") + api.count("PARAMETER") >= 3
+    # no public repository to link to: the source is on the page, under each object
+    assert "Source code in src/acnet/convert.py" in api
 
 
 def test_results_tables_fit(site):
