@@ -268,8 +268,9 @@ def collect(study: CheapStudy, out: Path, costs: dict[str, dict[str, float]],
     return CheapResults(study, costs, runs, pending, command)
 
 
-def to_json(res: CheapResults) -> dict[str, Any]:
-    """results.json: the settings, the costs, every run's numbers, what is pending."""
+def to_json(res: CheapResults, bench_machine: dict[str, Any]) -> dict[str, Any]:
+    """results.json: the settings, the costs and the machine that measured them, every run's
+    numbers, what is pending."""
     st = res.study
     return {
         "study": st.name, "command": res.command,
@@ -281,7 +282,7 @@ def to_json(res: CheapResults) -> dict[str, Any]:
         "runs": {f"{m}/{form}/e{e}": [vars(r) for r in rs]
                  for (m, form, e), rs in sorted(res.runs.items())},
         "pending": res.pending,
-        "machine": machine(), "python": platform.python_version(), "torch": torch.__version__,
+        "machine": bench_machine, "python": platform.python_version(), "torch": torch.__version__,
     }
 
 
@@ -567,8 +568,7 @@ def run(out: str | Path, *, workers: int = 1, device: str = "auto", data_dir: st
                    overrides={"device": device, "data_dir": data_dir})
     res = collect(study, out, costs, command=command)
     path = report(res, out)
-    save_json(out / RESULTS, {**to_json(res), "machine": _bench_machine(out),
-                              "answer": answer(res)})
+    save_json(out / RESULTS, {**to_json(res, _bench_machine(out)), "answer": answer(res)})
     return path
 
 
